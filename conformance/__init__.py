@@ -1,0 +1,1 @@
+"""Conformance suite for zoo plugins (populated by the conformance issue)."""

@@ -1,0 +1,297 @@
+"""The `zoo` command line. Flags are generated from the spec models; logs go to stderr, `--json` to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from . import __spec_version__
+from .errors import CapabilityNotSupportedError, InputError, SpecValidationError, ZooError
+
+GENERIC = ("convert", "preprocess", "train", "predict", "export", "eval", "bench")
+HELP = {
+    "convert": "convert weights between HF and MindSpore formats",
+    "preprocess": "tokenize a dataset into MindRecord",
+    "train": "pretrain or finetune a model",
+    "predict": "generate text from prompts",
+    "export": "export graphs for offline inference",
+    "eval": "evaluate on MBPP / HumanEval",
+    "bench": "measure throughput",
+}
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, is_list) with Optional stripped."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else (str, False)
+    if origin is list:
+        (inner,) = typing.get_args(annotation) or (str,)
+        return _unwrap(inner)[0], True
+    return annotation, False
+
+
+def _scalar(tp: Any) -> tuple[Any, list | None]:
+    if typing.get_origin(tp) is typing.Literal:
+        return str, [str(a) for a in typing.get_args(tp)]
+    if typing.get_origin(tp) is typing.Annotated:
+        return _scalar(typing.get_args(tp)[0])
+    if tp in (int, float):
+        return tp, None
+    meta = getattr(tp, "__supertype__", None) or getattr(tp, "__origin__", None)
+    if meta in (int, float):
+        return meta, None
+    return str, None
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, spec_cls: Any, positional: tuple[str, ...] = ("model",)) -> None:
+    for name, info in spec_cls.model_fields.items():
+        inner, is_list = _unwrap(info.annotation)
+        helptext = info.description or ""
+        if name in positional:
+            parser.add_argument(name, nargs="?" if not info.is_required() else None, default=None, help=helptext)
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(inner, type) and hasattr(inner, "model_fields"):
+            continue  # nested models are set through --spec FILE
+        if inner is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+            continue
+        scalar, choices = _scalar(inner)
+        if is_list:
+            free = bool((info.json_schema_extra or {}).get("free_text"))  # type: ignore[union-attr]
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar=name.upper(),
+                                help=(helptext + " (repeatable)" if free else helptext + " (comma list)").strip())
+            parser.set_defaults(**{f"_list_{name}": (scalar, free, choices)})
+        else:
+            parser.add_argument(flag, dest=name, type=scalar, choices=choices, default=None, help=helptext)
+
+
+def _flag_values(args: argparse.Namespace, spec_cls: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in spec_cls.model_fields:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        meta = getattr(args, f"_list_{name}", None)
+        if meta is not None:
+            scalar, free, _ = meta
+            items = value if free else [p for v in value for p in v.split(",") if p]
+            value = items if free else [scalar(v) if scalar is not str else v for v in items]
+        values[name] = value
+    return values
+
+
+def _read_spec_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"spec file {path!r} does not exist", "pass a YAML or JSON file with --spec")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in {".yaml", ".yml"}:
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot parse spec file {path}: {exc}", "check its YAML/JSON syntax") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"spec file {path} must hold a mapping of field names to values", "see `zoo spec schema`")
+    return data
+
+
+def build_spec(spec_cls: Any, args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    data = _read_spec_file(args.spec) if getattr(args, "spec", None) else {}
+    data.update(_flag_values(args, spec_cls))  # flags win over the file
+    try:
+        return spec_cls.model_validate(data)
+    except ValidationError as exc:
+        raise SpecValidationError.from_pydantic(spec_cls.__name__, exc) from None
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def _out(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _card_dict(entry: Any, registry: Any) -> dict[str, Any]:
+    d = entry.card.model_dump(mode="json")
+    d["plugin"] = entry.plugin
+    d["qualified_name"] = entry.qualified_name
+    d["exporters"] = [x.backend for x in registry.exporters_for(entry)]
+    return d
+
+
+def _human_params(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def cmd_models(args: argparse.Namespace, registry: Any) -> int:
+    rows = [_card_dict(e, registry) for e in registry.models()]
+    if args.json:
+        _out(rows)
+        return 0
+    for r in rows:
+        name = r["qualified_name"] if registry.ambiguous(r["name"]) else r["name"]
+        print(f"{name:28} {_human_params(r['params']):>9}  ctx {r['context_length']:<6} "
+              f"{r['plugin']:12} {','.join(r['capabilities']) or '-'}")
+    if not rows:
+        print("no models registered (see `zoo plugins`)", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, registry: Any) -> int:
+    d = _card_dict(registry.resolve(args.model), registry)
+    if args.json:
+        _out(d)
+    else:
+        for k, v in d.items():
+            print(f"{k:16} {v}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace, registry: Any) -> int:
+    rows = [r.as_dict() for r in registry.plugins.values()]
+    if args.json:
+        _out(rows)
+        return 0
+    for r in rows:
+        line = f"{r['name']:16} {r['version'] or '-':10} {r['status']:9} models: {', '.join(r['models']) or '-'}"
+        print(line + (f"\n  error: {r['error']}" if r["error"] else ""))
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace, registry: Any) -> int:
+    from .specs import SCHEMA_MODELS
+
+    if args.name:
+        if args.name not in SCHEMA_MODELS:
+            raise InputError(f"unknown spec {args.name!r}", "one of: " + ", ".join(SCHEMA_MODELS))
+        _out(SCHEMA_MODELS[args.name].model_json_schema(by_alias=True))
+    else:
+        _out({name: cls.model_json_schema(by_alias=True) for name, cls in SCHEMA_MODELS.items()})
+    return 0
+
+
+def cmd_generic(args: argparse.Namespace, registry: Any) -> int:
+    from .adapter import CAPABILITY_METHODS, load_adapter
+    from .specs import COMMANDS, required_capability
+
+    spec_cls, _result_cls, _method = COMMANDS[args.command]
+    spec = build_spec(spec_cls, args)
+    entry = registry.resolve(spec.model)
+    spec = spec.model_copy(update={"model": entry.card.name})
+    capability = required_capability(args.command, spec)
+    if capability not in entry.card.capabilities:
+        raise CapabilityNotSupportedError(entry.card.name, capability, entry.card.capabilities)
+    adapter = load_adapter(entry.card)
+    result = getattr(adapter, CAPABILITY_METHODS[capability])(spec)
+    payload = result.model_dump(mode="json", by_alias=True)
+    if args.json:
+        if args.command == "predict" and "completions" in payload:
+            for c in payload["completions"]:  # one JSON object per prompt per line
+                sys.stdout.write(json.dumps(c) + "\n")
+        else:
+            _out(payload)
+    else:
+        _print_human(args.command, payload)
+    return 0
+
+
+def _print_human(command: str, payload: dict[str, Any]) -> None:
+    if command == "predict":
+        for c in payload["completions"]:
+            print(c["text"])
+        return
+    for k, v in payload.items():
+        print(f"{k:20} {v}", file=sys.stdout)
+
+
+def cmd_conformance(args: argparse.Namespace, registry: Any) -> int:
+    from conformance import check_plugin
+
+    report = check_plugin(args.plugin, tier=args.tier, registry=registry)
+    if args.json:
+        _out([c.as_dict() for c in report.checks])
+    else:
+        for c in report.checks:
+            print(f"{c.status:8} {c.id:40} {c.reason}")
+        print(f"{report.passed} passed, {report.failed} failed, {report.skipped} skipped")
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .specs import COMMANDS
+
+    parser = argparse.ArgumentParser(prog="zoo", description="Model zoo: run registered models by name.")
+    parser.add_argument("--version", action="version", version=f"zoo (registry_spec {__spec_version__})")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("models", help="list registered models")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("show", help="show one model card")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("plugins", help="list plugins and their load status")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("spec", help="spec models")
+    s = p.add_subparsers(dest="spec_command", metavar="SUBCOMMAND", required=True)
+    sp = s.add_parser("schema", help="print JSON schemas (all, or NAME)")
+    sp.add_argument("name", nargs="?")
+    for name in GENERIC:
+        spec_cls = COMMANDS[name][0]
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        add_spec_flags(p, spec_cls)
+        p.add_argument("--spec", help="YAML or JSON file of spec fields (flags win)")
+        p.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    p = sub.add_parser("conformance", help="run the conformance suite against a plugin")
+    p.add_argument("plugin")
+    p.add_argument("--tier", choices=["static", "smoke", "device"], default="static")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+COMMAND_FUNCS = {"models": cmd_models, "show": cmd_show, "plugins": cmd_plugins, "spec": cmd_spec,
+                 "conformance": cmd_conformance, **{n: cmd_generic for n in GENERIC}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings, should a plugin import it
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        from .registry import Registry
+
+        registry = Registry()
+        return COMMAND_FUNCS[args.command](args, registry)
+    except ZooError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Typed specs: the model card, one spec per command and one result per spec (pydantic v2, extra fields forbidden).
+
+The CLI builds its flags from these fields (`max_new_tokens` -> `--max-new-tokens`), so they are the single source
+of truth for every command's options. Fields marked `free_text` take repeated flags verbatim (never comma-split).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+Capability = Literal["convert", "preprocess", "train", "finetune", "predict", "export", "eval", "bench"]
+CAPABILITIES: tuple[str, ...] = ("convert", "preprocess", "train", "finetune", "predict", "export", "eval", "bench")
+Precision = Literal["fp32", "fp16", "bf16"]
+FREE_TEXT = {"free_text": True}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ExporterInfo(_Strict):
+    """An export backend a plugin offers; `runner` is an import string loaded only when used."""
+
+    backend: str
+    models: list[str] = Field(default_factory=list, description="model names; empty = every model of the plugin")
+    description: str = ""
+    requires: str = Field("", description="how to install the runtime, shown when it is missing")
+
+
+class ModelCard(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    aliases: list[str] = Field(default_factory=list)
+    family: str
+    description: str = ""
+    architecture: dict[str, Any] = Field(default_factory=dict, description="summary: layers, hidden size, heads ...")
+    params: int = Field(ge=0, description="parameter count, computed from the architecture")
+    context_length: PositiveInt
+    capabilities: list[Capability] = Field(default_factory=list)
+    adapter: str = Field(pattern=r"^[\w.]+:[\w.]+$", description="import string 'package.module:Class'")
+    license: str = ""
+    requires_spec: str = Field(">=1.0,<2", description="PEP 440 range of registry_spec versions")
+
+
+class PluginManifest(_Strict):
+    name: str
+    version: str
+    requires_spec: str = ">=1.0,<2"
+    description: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+class _ModelSpec(_Strict):
+    model: str = Field(description="model name, alias, or qualified 'plugin:name'")
+
+
+class _WeightsSpec(_ModelSpec):
+    weights: Path | None = Field(None, description="MindSpore .ckpt or HF checkpoint directory")
+    config: Path | None = Field(None, description="HF config.json or mindformers YAML overriding the card")
+
+
+class ConvertSpec(_ModelSpec):
+    input: Path
+    output: Path
+    to: Literal["ms", "hf"] = "ms"
+    dtype: Literal["keep", "fp32", "fp16", "bf16"] = "keep"
+    config: Path | None = None
+
+
+class ConvertResult(_Strict):
+    output: Path
+    direction: str
+    tensors: int
+    parameters: int
+    dtype: str
+    seconds: float
+
+
+class PreprocessSpec(_ModelSpec):
+    input: Path
+    output: Path
+    tokenizer: Path | None = None
+    seq_length: PositiveInt = 2048
+    limit: PositiveInt | None = None
+    strict: bool = False
+    format: Literal["auto", "instruction", "text"] = "auto"
+
+
+class PreprocessResult(_Strict):
+    output: Path
+    rows_read: int
+    rows_written: int
+    rows_skipped: int
+    tokens: int
+    problems: list[str] = Field(default_factory=list, description="first reported bad rows")
+
+
+class ParallelSpec(_Strict):
+    data_parallel: PositiveInt = 1
+    model_parallel: PositiveInt = 1
+    pipeline_stage: PositiveInt = 1
+    micro_batch_num: PositiveInt = 1
+    optimizer_shard: bool = False
+    recompute: bool = False
+
+
+class TrainSpec(_WeightsSpec):
+    data: Path
+    mode: Literal["pretrain", "finetune"] = "finetune"
+    output_dir: Path
+    max_steps: PositiveInt | None = None
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt = 8
+    seq_length: PositiveInt | None = None
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_end: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+    grad_accum: PositiveInt = 1
+    precision: Precision = "fp32"
+    save_steps: PositiveInt | None = None
+    keep_checkpoints: PositiveInt = 3
+    resume: bool = False
+    seed: int = 0
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+
+
+class TrainResult(_Strict):
+    output_dir: Path
+    steps: int
+    final_loss: float
+    checkpoint: Path
+    metrics_file: Path
+    tokens_per_s: float
+
+
+class PredictSpec(_WeightsSpec):
+    tokenizer: Path | None = None
+    prompt: list[str] = Field(default_factory=list, json_schema_extra=FREE_TEXT)
+    input: Path | None = Field(None, description="JSONL with an 'instruction' or 'prompt' per row")
+    output: Path | None = Field(None, description="write one JSON object per prompt to this JSONL file")
+    template: str = Field("default", description="prompt template; 'none' sends the raw prompt")
+    max_new_tokens: PositiveInt = 128
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, json_schema_extra=FREE_TEXT)
+    stream: bool = False
+    truncate: bool = Field(False, description="left-truncate prompts longer than the context instead of failing")
+    batch_size: PositiveInt = 8
+    use_cache: bool = True
+    precision: Precision = "fp32"
+    backend: str = "online"
+    artifacts: Path | None = None
+
+
+class Completion(_Strict):
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length", "eos"]
+    prompt_tokens: int
+    prefill_ms: float
+    decode_tokens_per_s: float
+
+
+class PredictResult(_Strict):
+    completions: list[Completion]
+
+
+class ExportSpec(_WeightsSpec):
+    backend: str = "mindir"
+    output_dir: Path
+    tokenizer: Path | None = None
+    batch_size: PositiveInt = 1
+    seq_length: PositiveInt | None = None
+    mode: Literal["incremental", "autoregressive"] = "incremental"
+    precision: Precision = "fp32"
+
+
+class ExportResult(_Strict):
+    output_dir: Path
+    backend: str
+    mode: str
+    manifest: Path
+    files: list[str]
+
+
+class EvalSpec(_ModelSpec):
+    task: Literal["mbpp", "humaneval"] = "mbpp"
+    weights: Path | None = None
+    config: Path | None = None
+    tokenizer: Path | None = None
+    data: Path | None = None
+    limit: PositiveInt | None = None
+    n_samples: PositiveInt = 1
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_length: PositiveInt = 2048
+    batch_size: PositiveInt = 8
+    output_dir: Path | None = None
+    workers: PositiveInt = 2
+    timeout: float = Field(3.0, gt=0)
+    shard: str | None = Field(None, pattern=r"^\d+/\d+$", description="I/N: every N-th problem from I")
+    load_generations: Path | None = None
+    merge: list[Path] = Field(default_factory=list)
+
+
+class EvalResult(_Strict):
+    task: str
+    n_problems: int
+    passed: int
+    pass_at_1: float = Field(alias="pass@1")
+    pass_at_k: dict[str, float] = Field(default_factory=dict)
+    output_dir: Path | None = None
+
+
+class BenchSpec(_WeightsSpec):
+    backends: list[str] = Field(default_factory=lambda: ["online"])
+    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1])
+    lengths: list[PositiveInt] = Field(default_factory=lambda: [160])
+    prompt_length: PositiveInt = 32
+    repeats: PositiveInt = 3
+    compare: list[str] = Field(default_factory=list)
+    output_dir: Path | None = None
+
+
+class BenchRow(_Strict):
+    backend: str
+    batch_size: int
+    total_length: int
+    decode_tokens_per_s: float
+    prefill_ms: float
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class BenchResult(_Strict):
+    rows: list[BenchRow]
+
+
+# command name -> (spec, result, adapter method, capability that must be on the card)
+COMMANDS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
+    "convert": (ConvertSpec, ConvertResult, "convert"),
+    "preprocess": (PreprocessSpec, PreprocessResult, "preprocess"),
+    "train": (TrainSpec, TrainResult, "train"),
+    "predict": (PredictSpec, PredictResult, "predict"),
+    "export": (ExportSpec, ExportResult, "export"),
+    "eval": (EvalSpec, EvalResult, "eval"),
+    "bench": (BenchSpec, BenchResult, "bench"),
+}
+
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "ModelCard": ModelCard,
+    "PluginManifest": PluginManifest,
+    "ExporterInfo": ExporterInfo,
+    **{cls.__name__: cls for spec, res, _ in COMMANDS.values() for cls in (spec, res)},
+}
+
+
+def required_capability(command: str, spec: BaseModel) -> str:
+    """The card capability a command needs (`train --mode finetune` needs `finetune`)."""
+    if command == "train":
+        return str(getattr(spec, "mode", "train")).replace("pretrain", "train")
+    return command
