@@ -1,0 +1,259 @@
+"""The GPTBigCode (StarCoder / WizardCoder) network in MindSpore, written with `ops` primitives.
+
+Parameter names equal HF's checkpoint keys (`transformer.h.0.attn.c_attn.weight`, ...), so HF safetensors load
+one to one. Multi-query attention keeps HF's layout: the fused `c_attn` rows are [query (H*d) | key (d) | value (d)],
+and queries are folded to [B, S*H, d] so every matmul is a 3-D batched matmul (4-D broadcasting ones fail on CPU).
+
+Three entry points share the same blocks:
+- `GPTBigCodeForCausalLM.construct(input_ids, position_ids, attention_mask)`: the cache-free full forward
+  (training, parity checks, the no-cache generation path);
+- `PrefillCell` / `DecodeCell` (built by `KVCache`): incremental inference with per-layer KV caches held as
+  Parameters and updated in place with ScatterNdUpdate, so a decode step moves no cache through the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from .config import GPTBigCodeConfig
+
+_DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+_MASK_MIN = float(np.finfo(np.float32).min)
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b with HF's [out, in] weight layout."""
+
+    def __init__(self, in_features: int, out_features: int, init_range: float, dtype: ms.Type) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(init_range), (out_features, in_features), dtype), name="weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), dtype), name="bias")
+
+    def construct(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = ops.dense(x.reshape(-1, shape[-1]).astype(self.weight.dtype), self.weight, self.bias)
+        return y.reshape(shape[:-1] + (y.shape[-1],))
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis, always computed in fp32."""
+
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer("ones", (hidden,), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (hidden,), ms.float32), name="bias")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x: Tensor) -> Tensor:
+        y, _, _ = self.norm(x.astype(ms.float32), self.weight.astype(ms.float32), self.bias.astype(ms.float32))
+        return y.astype(x.dtype)
+
+
+class Activation(nn.Cell):
+    """The MLP activation the config names: tanh-approximate GELU or the exact erf form."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.exact = name == "gelu"
+        self.gelu_tanh = ops.GeLU()
+        self.inv_sqrt2 = 1.0 / math.sqrt(2.0)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.exact:
+            return 0.5 * x * (1.0 + ops.erf(x * self.inv_sqrt2))
+        return self.gelu_tanh(x)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_query: bool) -> Tensor:
+    """Scaled dot-product attention. q [B,S,H*d] (already scaled), k/v [B,T,kv*d], mask bool [B,S,T] -> [B,S,H*d]."""
+    b, s, hd = q.shape
+    t = k.shape[1]
+    d = hd // n_head
+    if multi_query:
+        scores = ops.bmm(q.reshape(b, s * n_head, d), k.swapaxes(1, 2)).reshape(b, s, n_head, t)
+        scores = ops.select(mask.reshape(b, s, 1, t).broadcast_to((b, s, n_head, t)),
+                            scores.astype(ms.float32), ops.full_like(scores, _MASK_MIN, dtype=ms.float32))
+        probs = ops.softmax(scores, axis=-1).astype(v.dtype)
+        return ops.bmm(probs.reshape(b, s * n_head, t), v).reshape(b, s, hd)
+    qh = q.reshape(b, s, n_head, d).swapaxes(1, 2).reshape(b * n_head, s, d)
+    kh = k.reshape(b, t, n_head, d).swapaxes(1, 2).reshape(b * n_head, t, d)
+    vh = v.reshape(b, t, n_head, d).swapaxes(1, 2).reshape(b * n_head, t, d)
+    scores = ops.bmm(qh, kh.swapaxes(1, 2)).reshape(b, n_head, s, t)
+    full_mask = mask.reshape(b, 1, s, t).broadcast_to((b, n_head, s, t))
+    scores = ops.select(full_mask, scores.astype(ms.float32), ops.full_like(scores, _MASK_MIN, dtype=ms.float32))
+    probs = ops.softmax(scores, axis=-1).astype(vh.dtype).reshape(b * n_head, s, t)
+    out = ops.bmm(probs, vh).reshape(b, n_head, s, d).swapaxes(1, 2)
+    return out.reshape(b, s, hd)
+
+
+class GPTBigCodeAttention(nn.Cell):
+    def __init__(self, config: GPTBigCodeConfig, dtype: ms.Type) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.multi_query = config.multi_query
+        self.embed_dim = config.n_embd
+        self.kv_dim = config.kv_heads * config.head_dim
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.c_attn = Linear(config.n_embd, config.n_embd + 2 * self.kv_dim, config.initializer_range, dtype)
+        self.c_proj = Linear(config.n_embd, config.n_embd, config.initializer_range, dtype)
+
+    def qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """(scaled query [B,S,H*d], key|value [B,S,2*kv*d]) - the cache stores key|value fused, as HF does."""
+        fused = self.c_attn(hidden)
+        q = fused[:, :, : self.embed_dim] * self.scale
+        return q, fused[:, :, self.embed_dim:]
+
+    def attend_kv(self, q: Tensor, kv: Tensor, mask: Tensor) -> Tensor:
+        k = kv[:, :, : self.kv_dim]
+        v = kv[:, :, self.kv_dim:]
+        return self.c_proj(attend(q, k, v, mask, self.n_head, self.multi_query))
+
+    def construct(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        q, kv = self.qkv(hidden)
+        return self.attend_kv(q, kv, mask)
+
+
+class GPTBigCodeMLP(nn.Cell):
+    def __init__(self, config: GPTBigCodeConfig, dtype: ms.Type) -> None:
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, config.inner_dim, config.initializer_range, dtype)
+        self.act = Activation(config.activation_function)
+        self.c_proj = Linear(config.inner_dim, config.n_embd, config.initializer_range, dtype)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPTBigCodeBlock(nn.Cell):
+    def __init__(self, config: GPTBigCodeConfig, dtype: ms.Type) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.attn = GPTBigCodeAttention(config, dtype)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.mlp = GPTBigCodeMLP(config, dtype)
+
+    def construct(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        hidden = hidden + self.attn(self.ln_1(hidden), mask)
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class Embedding(nn.Cell):
+    def __init__(self, rows: int, dim: int, init_range: float, dtype: ms.Type) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(init_range), (rows, dim), dtype), name="weight")
+
+    def construct(self, ids: Tensor) -> Tensor:
+        return ops.gather(self.weight, ids, 0)
+
+
+class GPTBigCodeModel(nn.Cell):
+    def __init__(self, config: GPTBigCodeConfig, dtype: ms.Type = ms.float32) -> None:
+        super().__init__()
+        self.wte = Embedding(config.vocab_size, config.n_embd, config.initializer_range, dtype)
+        self.wpe = Embedding(config.n_positions, config.n_embd, config.initializer_range, dtype)
+        self.h = nn.CellList([GPTBigCodeBlock(config, dtype) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+
+    def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        return self.wte(input_ids) + self.wpe(position_ids)
+
+    def construct(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor) -> Tensor:
+        hidden = self.embed(input_ids, position_ids)
+        for block in self.h:
+            hidden = block(hidden, mask)
+        return self.ln_f(hidden)
+
+
+class GPTBigCodeForCausalLM(nn.Cell):
+    """The LM: the transformer plus an LM head tied to `transformer.wte.weight` (no parameter of its own)."""
+
+    def __init__(self, config: GPTBigCodeConfig, precision: str = "fp32") -> None:
+        super().__init__()
+        self.config = config
+        self.precision = precision
+        self.transformer = GPTBigCodeModel(config, _DTYPES[precision])
+        self.causal = Tensor(np.tril(np.ones((config.n_positions, config.n_positions), dtype=np.bool_)))
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        shape = hidden.shape
+        wte = self.transformer.wte.weight
+        logits = ops.matmul(hidden.reshape(-1, shape[-1]).astype(wte.dtype), wte.swapaxes(0, 1))
+        return logits.astype(ms.float32).reshape(shape[:-1] + (logits.shape[-1],))
+
+    def construct(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids/position_ids int32 [B,S], attention_mask (1 = real token) [B,S] -> fp32 logits [B,S,V]."""
+        s = input_ids.shape[1]
+        keep = attention_mask.astype(ms.bool_)
+        mask = ops.logical_and(self.causal[:s, :s].reshape(1, s, s), keep.reshape(keep.shape[0], 1, s))
+        return self.lm_head(self.transformer(input_ids, position_ids, mask))
+
+
+# --------------------------------------------------------------------------------------------- KV-cache inference
+class PrefillCell(nn.Cell):
+    """Runs right-padded prompts [B,S], writes every position's key|value into the caches, returns the logits
+    at each row's last real token [B,V]."""
+
+    def __init__(self, model: GPTBigCodeForCausalLM, caches: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.caches = caches.caches
+        self.update = ops.ScatterNdUpdate()
+
+    def construct(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        b, s = input_ids.shape
+        tr = self.model.transformer
+        positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
+        rows = ops.arange(0, b, dtype=ms.int32).reshape(b, 1).broadcast_to((b, s))
+        write_idx = ops.stack((rows, positions), axis=-1)  # [B,S,2]
+        mask = self.model.causal[:s, :s].reshape(1, s, s).broadcast_to((b, s, s))
+        hidden = tr.embed(input_ids, positions)
+        for i, block in enumerate(tr.h):
+            q, kv = block.attn.qkv(block.ln_1(hidden))
+            kv = ops.depend(kv, self.update(self.caches[i], write_idx, kv.astype(self.caches[i].dtype)))
+            hidden = hidden + block.attn.attend_kv(q, kv, mask)
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+        last = ops.stack((ops.arange(0, b, dtype=ms.int32), lengths - 1), axis=-1)
+        return self.model.lm_head(tr.ln_f(ops.gather_nd(hidden, last)))
+
+
+class DecodeCell(nn.Cell):
+    """One step for every row: token [B,1] at position [B] -> logits [B,V]; caches updated in place."""
+
+    def __init__(self, model: GPTBigCodeForCausalLM, caches: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.caches = caches.caches
+        self.update = ops.ScatterNdUpdate()
+        self.slots = Tensor(np.arange(caches.max_len, dtype=np.int32))
+
+    def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        b = input_ids.shape[0]
+        tr = self.model.transformer
+        write_idx = ops.stack((ops.arange(0, b, dtype=ms.int32), positions), axis=-1).reshape(b, 1, 2)
+        mask = (self.slots.reshape(1, 1, -1) <= positions.reshape(b, 1, 1))  # [B,1,T]
+        hidden = tr.embed(input_ids, positions.reshape(b, 1))
+        for i, block in enumerate(tr.h):
+            q, kv = block.attn.qkv(block.ln_1(hidden))
+            cache = self.update(self.caches[i], write_idx, kv.astype(self.caches[i].dtype))
+            hidden = hidden + block.attn.attend_kv(q, cache, mask)
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+        return self.model.lm_head(tr.ln_f(hidden)).reshape(b, -1)
+
+
+class KVCache(nn.Cell):
+    """Per-layer fused key|value caches [B, T, 2*kv*d] for one (batch, max_len) bucket."""
+
+    def __init__(self, config: GPTBigCodeConfig, batch: int, max_len: int, dtype: ms.Type, tag: str) -> None:
+        super().__init__(auto_prefix=False)
+        self.max_len = max_len
+        width = 2 * config.kv_heads * config.head_dim
+        self.caches = ms.ParameterTuple(
+            Parameter(Tensor(np.zeros((batch, max_len, width), dtype=np.float32), dtype=dtype),
+                      name=f"kv_cache.{tag}.{i}", requires_grad=False)
+            for i in range(config.n_layer)
+        )
