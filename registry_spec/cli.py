@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -198,7 +199,8 @@ def cmd_generic(args: argparse.Namespace, registry: Any) -> int:
     if capability not in entry.card.capabilities:
         raise CapabilityNotSupportedError(entry.card.name, capability, entry.card.capabilities)
     adapter = load_adapter(entry.card)
-    result = getattr(adapter, CAPABILITY_METHODS[capability])(spec)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = getattr(adapter, CAPABILITY_METHODS[capability])(spec)
     payload = result.model_dump(mode="json", by_alias=True)
     if args.json:
         if args.command == "predict" and "completions" in payload:
@@ -206,7 +208,7 @@ def cmd_generic(args: argparse.Namespace, registry: Any) -> int:
                 sys.stdout.write(json.dumps(c) + "\n")
         else:
             _out(payload)
-    else:
+    elif not (args.command == "predict" and getattr(spec, "stream", False)):  # streamed text is already out
         _print_human(args.command, payload)
     return 0
 

@@ -257,3 +257,21 @@ class KVCache(nn.Cell):
                       name=f"kv_cache.{tag}.{i}", requires_grad=False)
             for i in range(config.n_layer)
         )
+
+
+class LastTokenCell(nn.Cell):
+    """The cache-free path: the whole right-padded sequence [B,T] -> logits at each row's last real token [B,V]."""
+
+    def __init__(self, model: GPTBigCodeForCausalLM) -> None:
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        b, s = input_ids.shape
+        tr = self.model.transformer
+        positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
+        keep = positions < lengths.reshape(b, 1)
+        mask = ops.logical_and(self.model.causal[:s, :s].reshape(1, s, s), keep.reshape(b, 1, s))
+        hidden = tr(input_ids, positions, mask)
+        last = ops.stack((ops.arange(0, b, dtype=ms.int32), lengths - 1), axis=-1)
+        return self.model.lm_head(ops.gather_nd(hidden, last))

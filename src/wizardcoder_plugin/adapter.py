@@ -1,0 +1,78 @@
+"""WizardCoderAdapter: the zoo adapter methods, each a thin bridge from a spec to the implementation modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from registry_spec.adapter import BaseAdapter
+from registry_spec.errors import InputError, WeightsUnavailableError
+from registry_spec.specs import ConvertResult, ConvertSpec, ModelCard, PredictResult, PredictSpec
+
+from .config import GPTBigCodeConfig, resolve_config
+
+BUNDLED_TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+class WizardCoderAdapter(BaseAdapter):
+    def __init__(self, card: ModelCard) -> None:
+        super().__init__(card)
+        self._generators: dict[tuple, object] = {}
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def config(self, path: Path | None) -> GPTBigCodeConfig:
+        return resolve_config(self.card.name, path)
+
+    def tokenizer(self, tokenizer: Path | None, weights: Path | None) -> object:
+        """--tokenizer, else tokenizer files beside the weights, else the bundled StarCoder-family BPE (tiny only)."""
+        from .runtime import weights_search_paths
+        from .tokenizer import WizardCoderTokenizer
+
+        if tokenizer is not None:
+            return WizardCoderTokenizer.from_pretrained(tokenizer)
+        candidates = [weights if weights is None or Path(weights).is_dir() else Path(weights).parent]
+        candidates += weights_search_paths(self.card.name)
+        for c in candidates:
+            if c is not None and any((Path(c) / f).is_file() for f in _TOKENIZER_FILES):
+                return WizardCoderTokenizer.from_pretrained(c)
+        if self.card.name == "wizardcoder-tiny":
+            return WizardCoderTokenizer.from_pretrained(BUNDLED_TOKENIZER)
+        raise WeightsUnavailableError("tokenizer files (tokenizer.json or vocab.json + merges.txt)",
+                                      [str(c) for c in candidates if c is not None],
+                                      "pass --tokenizer DIR with your checkpoint's tokenizer files")
+
+    def generator(self, spec: PredictSpec) -> tuple[object, object]:
+        from .generate import Generator
+        from .runtime import build_model
+
+        config = self.config(spec.config)
+        key = (str(spec.weights), str(spec.config), spec.precision, str(spec.tokenizer))
+        if key not in self._generators:
+            tok = self.tokenizer(spec.tokenizer, spec.weights)
+            if tok.vocab_size > config.vocab_size:  # type: ignore[attr-defined]
+                raise InputError(f"the tokenizer has {tok.vocab_size} tokens but the model only "  # type: ignore
+                                 f"{config.vocab_size}", "use the checkpoint's own tokenizer files")
+            net = build_model(self.card.name, config, spec.weights, spec.precision, seed=spec.seed or 0)
+            gen = Generator(net, tok.eos_token_id, tok.pad_token_id, max_batch=spec.batch_size)  # type: ignore
+            self._generators[key] = (gen, tok)
+        gen, tok = self._generators[key]
+        gen.max_batch = spec.batch_size  # type: ignore[attr-defined]
+        return gen, tok
+
+    # ---------------------------------------------------------------------------------------------- commands
+    def convert(self, spec: ConvertSpec) -> ConvertResult:
+        from .weights import convert
+
+        config = self.config(spec.config)
+        if spec.config is None and spec.input.is_dir() and (spec.input / "config.json").is_file():
+            config = resolve_config(self.card.name, spec.input / "config.json")
+        return convert(spec.input, spec.output, config, to=spec.to, dtype=spec.dtype)
+
+    def predict(self, spec: PredictSpec) -> PredictResult:
+        from .predict import run_predict
+
+        if spec.backend != "online":
+            raise InputError(f"backend {spec.backend!r} is not available for predict yet",
+                             "use --backend online (exported-graph backends come with `zoo export`)")
+        gen, tok = self.generator(spec)
+        return run_predict(spec, gen, tok)

@@ -1,0 +1,121 @@
+"""`zoo predict`: prompts in (flags or JSONL), the template applied, generation, text / JSONL out."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from registry_spec.errors import InputError
+from registry_spec.specs import Completion, PredictResult, PredictSpec
+
+from .generate import GenerationConfig, GenerationOutput
+from .templates import apply_template
+
+
+def read_prompts(spec: PredictSpec) -> list[str]:
+    prompts = [apply_template(p, spec.template) for p in spec.prompt]
+    if spec.input is not None:
+        if not spec.input.is_file():
+            raise InputError(f"input file {spec.input} does not exist", "pass a JSONL file with --input")
+        for n, line in enumerate(spec.input.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{spec.input}:{n}: invalid JSON ({exc.msg})", "one JSON object per line") from None
+            text = row.get("instruction", row.get("prompt")) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise InputError(f"{spec.input}:{n}: no string 'instruction' or 'prompt' field",
+                                 'rows look like {"instruction": "..."} or {"prompt": "..."}')
+            prompts.append(apply_template(text, spec.template, row.get("input", "") or ""))
+    if not prompts:
+        raise InputError("no prompt given", "pass --prompt TEXT (repeatable) or --input FILE.jsonl")
+    return prompts
+
+
+def generation_config(spec: PredictSpec) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=spec.max_new_tokens, do_sample=spec.do_sample, temperature=spec.temperature,
+        top_k=spec.top_k, top_p=spec.top_p, repetition_penalty=spec.repetition_penalty, seed=spec.seed,
+        stop=list(spec.stop), use_cache=spec.use_cache, truncate=spec.truncate,
+    )
+
+
+class TextTracker:
+    """Incremental detokenization per row: streams only complete UTF-8 text and finds stop strings."""
+
+    def __init__(self, tokenizer: object, n: int, stop: list[str], stream: bool) -> None:
+        self.tok, self.stop, self.stream = tokenizer, stop, stream
+        self.emitted = [""] * n
+
+    def text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+
+    def on_token(self, row: int, _tok: int, ids: list[int]) -> None:
+        if not self.stream:
+            return
+        text = self.text(ids)
+        if text.endswith("\ufffd"):
+            return  # an incomplete UTF-8 sequence: wait for the next token
+        sys.stdout.write(text[len(self.emitted[row]):])
+        sys.stdout.flush()
+        self.emitted[row] = text
+
+    def stopped(self, ids: list[int]) -> bool:
+        return bool(self.stop) and any(s in self.text(ids) for s in self.stop)
+
+    def final(self, ids: list[int], finish: str) -> str:
+        text = self.text(ids)
+        if finish == "stop":
+            cut = min((text.find(s) for s in self.stop if s in text), default=len(text))
+            text = text[:cut]
+        return text
+
+
+def run_predict(spec: PredictSpec, generator: object, tokenizer: object) -> PredictResult:
+    prompts = read_prompts(spec)
+    cfg = generation_config(spec)
+    encoded = [tokenizer.encode(p) for p in prompts]  # type: ignore[attr-defined]
+    tracker = TextTracker(tokenizer, len(prompts), cfg.stop, spec.stream)
+    ids_so_far: dict[int, list[int]] = {}
+
+    def on_token(row: int, tok: int) -> None:
+        ids_so_far.setdefault(row, []).append(tok)
+        tracker.on_token(row, tok, ids_so_far[row])
+
+    if spec.stream and len(prompts) > 1:
+        generator.max_batch = 1  # type: ignore[attr-defined]  # stream prompts one after another, readable
+    outs: list[GenerationOutput] = generator.generate(  # type: ignore[attr-defined]
+        encoded, cfg, on_token=on_token if spec.stream else None,
+        should_stop=(lambda r, ids: tracker.stopped(ids)) if cfg.stop else None)
+    completions = []
+    for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
+        text = tracker.final(out.token_ids, out.finish_reason)
+        if spec.stream:
+            sys.stdout.write(text[len(tracker.emitted[i]):] + "\n")
+        completions.append(Completion(prompt=prompt, text=text, token_ids=out.token_ids,
+                                      finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
+                                      prefill_ms=round(out.prefill_ms, 3),
+                                      decode_tokens_per_s=round(out.decode_tokens_per_s, 2)))
+    result = PredictResult(completions=completions)
+    if spec.output is not None:
+        write_jsonl(spec.output, [c.model_dump(mode="json") for c in completions])
+    return result
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Atomic: a temporary file in the same folder, renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

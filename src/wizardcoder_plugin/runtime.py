@@ -1,0 +1,64 @@
+"""MindSpore start-up done once: GRAPH_MODE, quiet logs, no files in the user's cwd; model construction."""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from registry_spec.errors import WeightsUnavailableError
+
+from .config import GPTBigCodeConfig
+
+RANDOM_INIT_OK = {"wizardcoder-tiny"}  # demo/test model: random weights are its documented default
+
+
+@lru_cache(maxsize=1)
+def init_mindspore() -> object:
+    os.environ.setdefault("GLOG_v", "3")
+    os.environ.setdefault("GLOG_logtostderr", "1")
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    return ms
+
+
+def weights_search_paths(model: str) -> list[Path]:
+    roots = [os.environ.get("ZOO_WEIGHTS_DIR"), str(Path.home() / ".cache" / "zoo" / "weights")]
+    return [Path(r) / model for r in roots if r]
+
+
+def find_weights(model: str, weights: Path | None) -> Path | None:
+    """The explicit --weights, else a default location; None means random init (tiny model only)."""
+    if weights is not None:
+        if not Path(weights).exists():
+            raise WeightsUnavailableError(f"weights for {model!r}", [str(weights)])
+        return Path(weights)
+    candidates = weights_search_paths(model)
+    for c in candidates:
+        if c.exists():
+            return c
+    if model in RANDOM_INIT_OK:
+        return None
+    raise WeightsUnavailableError(f"weights for {model!r}", [str(c) for c in candidates],
+                                  f"convert the HF checkpoint (`zoo convert {model} --input HF_DIR --output "
+                                  f"{candidates[-1]}/model.ckpt`) or pass --weights")
+
+
+def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, precision: str = "fp32",
+                seed: int = 0) -> object:
+    """A GPTBigCodeForCausalLM with its weights loaded (or seeded random init for the tiny model)."""
+    ms = init_mindspore()
+    from .modeling import GPTBigCodeForCausalLM
+    from .weights import load_into
+
+    ms.set_seed(seed)
+    net = GPTBigCodeForCausalLM(config, precision)
+    net.set_train(False)
+    source = find_weights(model, weights)
+    if source is None:
+        print(f"note: no weights given for {model}: using a random init (seed {seed})", file=sys.stderr)
+    else:
+        load_into(net, source, config)
+    return net
