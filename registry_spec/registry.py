@@ -70,7 +70,7 @@ class Registry:
     # ----------------------------------------------------------------------------------------------- loading
     def _fail(self, record: PluginRecord, error: str) -> None:
         record.status, record.error = "failed", error
-        if record.name in self.pm.list_name_plugin() and self.pm.get_plugin(record.name) is not None:
+        if self.pm.get_plugin(record.name) is not None:
             self.pm.unregister(name=record.name)
         self._forget(record.name)
         if self.strict:

@@ -103,14 +103,29 @@ class GPTBigCodeAttention(nn.Cell):
         self.c_proj = Linear(config.n_embd, config.n_embd, config.initializer_range, dtype)
 
     def qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """(scaled query [B,S,H*d], key|value [B,S,2*kv*d]) - the cache stores key|value fused, as HF does."""
+        """(scaled query [B,S,H*d], key|value [B,S,2*kv*d]); the cache stores key|value fused, as HF does.
+
+        HF's fused layout differs by variant: MQA rows are [q (H*d) | k (d) | v (d)]; multi-head rows are
+        per head [q_h | k_h | v_h] (H x 3d), and the cache keeps per head [k_h | v_h].
+        """
         fused = self.c_attn(hidden)
-        q = fused[:, :, : self.embed_dim] * self.scale
-        return q, fused[:, :, self.embed_dim:]
+        if self.multi_query:
+            return fused[:, :, : self.embed_dim] * self.scale, fused[:, :, self.embed_dim:]
+        b, s, _ = fused.shape
+        d = self.embed_dim // self.n_head
+        heads = fused.reshape(b, s, self.n_head, 3 * d)
+        q = heads[:, :, :, :d].reshape(b, s, self.embed_dim) * self.scale
+        return q, heads[:, :, :, d:].reshape(b, s, 2 * self.embed_dim)
 
     def attend_kv(self, q: Tensor, kv: Tensor, mask: Tensor) -> Tensor:
-        k = kv[:, :, : self.kv_dim]
-        v = kv[:, :, self.kv_dim:]
+        if self.multi_query:
+            k, v = kv[:, :, : self.kv_dim], kv[:, :, self.kv_dim:]
+        else:
+            b, t, _ = kv.shape
+            d = self.embed_dim // self.n_head
+            heads = kv.reshape(b, t, self.n_head, 2 * d)
+            k = heads[:, :, :, :d].reshape(b, t, self.embed_dim)
+            v = heads[:, :, :, d:].reshape(b, t, self.embed_dim)
         return self.c_proj(attend(q, k, v, mask, self.n_head, self.multi_query))
 
     def construct(self, hidden: Tensor, mask: Tensor) -> Tensor:

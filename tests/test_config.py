@@ -1,0 +1,57 @@
+"""Architecture configs: presets, HF config.json, the reference's mindformers YAML, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from registry_spec.errors import InputError
+from wizardcoder_plugin.config import PRESETS, GPTBigCodeConfig, load_config
+
+
+def test_parameter_counts_are_computed_from_shapes():
+    assert PRESETS["wizardcoder-15b"].num_parameters() == 15_517_462_528
+    assert PRESETS["wizardcoder-15b"].inner_dim == 24576 and PRESETS["wizardcoder-15b"].head_dim == 128
+
+
+def test_counts_equal_hf_model(hf_model, hf_tiny):
+    cfg = load_config(hf_tiny / "config.json")
+    hf_count = sum(p.numel() for p in hf_model.parameters())  # tied head counted once by torch
+    assert cfg.num_parameters() == hf_count
+
+
+def test_mindformers_yaml(tmp_path):
+    y = tmp_path / "run_wizardcoder.yaml"
+    y.write_text("model:\n  model_config:\n    type: WizardCoderConfig\n    seq_length: 2048\n    n_position: 8192\n"
+                 "    vocab_size: 49153\n    embedding_size: 6144\n    num_layers: 40\n    num_heads: 48\n"
+                 "    expand_ratio: 4\n    hidden_act: gelu\n    eos_token: 0\n    pad_token: 49152\n"
+                 "    compute_dtype: float16\n")
+    cfg = load_config(y)
+    assert cfg.num_parameters() == 15_517_462_528 and cfg.activation_function == "gelu"
+    y.write_text("model:\n  model_config:\n    num_layers: 2\n    rotary_base: 10000\n")
+    with pytest.raises(InputError, match="rotary_base"):
+        load_config(y)
+
+
+def test_bad_configs_are_named(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(tmp_path / "nope.json")
+    (tmp_path / "c.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(InputError, match="llama"):
+        load_config(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text(json.dumps({"model_type": "gpt_bigcode", "n_embd": 65, "n_head": 4}))
+    with pytest.raises(InputError, match="divisible"):
+        load_config(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(InputError, match="cannot parse"):
+        load_config(tmp_path / "c.json")
+
+
+def test_hf_round_trip_of_config():
+    cfg = PRESETS["wizardcoder-tiny"]
+    from wizardcoder_plugin.config import from_hf_dict
+
+    back = from_hf_dict(cfg.to_hf_dict(), seq_length=cfg.seq_length)
+    assert back == cfg
+    assert isinstance(back, GPTBigCodeConfig)

@@ -1,0 +1,171 @@
+"""The host: discovery, isolation of broken plugins, collisions, disabling, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import zoo
+
+from registry_spec import __spec_version__
+from registry_spec.errors import ModelNotFoundError
+
+
+def fake_plugin(site: Path, name: str, body: str) -> Path:
+    """Install a plugin the way pip would: a module plus a dist-info with a `zoo.plugins` entry point."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{name}_zoo.py").write_text(textwrap.dedent(body))
+    info = site / f"{name}_zoo-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-zoo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[zoo.plugins]\n{name} = {name}_zoo\n")
+    return site
+
+
+GOOD = """
+from registry_spec import hookimpl
+from registry_spec.specs import ModelCard, PluginManifest
+
+@hookimpl
+def zoo_plugin_manifest():
+    return PluginManifest(name="{name}", version="9.9", requires_spec="{req}")
+
+@hookimpl
+def zoo_register_models(register):
+    card = ModelCard(name="{model}", family="toy", params=1, context_length=8, capabilities=[],
+                     adapter="registry_spec.adapter:BaseAdapter")
+    register(card)
+    register(card)  # identical re-registration is a no-op
+"""
+
+
+def run(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return zoo(*args, env={"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env})
+
+
+def test_builtin_plugin_lists_four_cards_with_exact_counts():
+    r = zoo("models", "--json")
+    assert r.returncode == 0, r.stderr
+    cards = {c["name"]: c for c in json.loads(r.stdout)}
+    assert cards["wizardcoder-15b"]["params"] == 15_517_462_528
+    assert {"wizardcoder-1b", "wizardcoder-3b", "wizardcoder-tiny"} <= set(cards)
+    for c in cards.values():
+        assert {"name", "params", "context_length", "capabilities"} <= set(c)
+    r = zoo("show", "wizardcoder-15b", "--json")
+    card = json.loads(r.stdout)
+    assert card["architecture"]["num_layers"] == 40 and card["context_length"] == 8192
+
+
+def test_unknown_model_suggests_and_exits_2_without_traceback():
+    r = zoo("predict", "wizardcoder-15x", "--prompt", "hi")
+    assert r.returncode == 2
+    assert "wizardcoder-15b" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ModelNotFoundError) as exc:
+        from registry_spec.registry import Registry
+
+        Registry().resolve("wizardcodr-tiny")
+    assert "wizardcoder-tiny" in exc.value.suggestions
+
+
+def test_spec_errors_name_the_field():
+    r = zoo("predict", "wizardcoder-tiny", "--prompt", "x", "--max-new-tokens", "0")
+    assert r.returncode == 2 and "max_new_tokens" in r.stderr and "Traceback" not in r.stderr
+    r = zoo("predict", "wizardcoder-tiny", "--prompt", "x", "--top-p", "3")
+    assert r.returncode == 2 and "top_p" in r.stderr
+
+
+def test_spec_file_and_flags_win(tmp_path):
+    from registry_spec.cli import build_parser, build_spec
+    from registry_spec.specs import PredictSpec
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("max_new_tokens: 5\ntemperature: 0.5\nprompt: [a]\n")
+    args = build_parser().parse_args(["predict", "m", "--spec", str(spec_file), "--max-new-tokens", "7",
+                                      "--stop", "a,b", "--no-use-cache"])
+    spec = build_spec(PredictSpec, args)
+    assert (spec.max_new_tokens, spec.temperature, spec.prompt, spec.stop, spec.use_cache) == (7, 0.5, ["a"],
+                                                                                               ["a,b"], False)
+    spec_file.write_text("bogus_field: 1\n")
+    r = zoo("predict", "wizardcoder-tiny", "--spec", str(spec_file))
+    assert r.returncode == 2 and "bogus_field" in r.stderr
+
+
+def test_unclaimed_capability_is_refused():
+    r = zoo("bench", "wizardcoder-tiny")
+    assert r.returncode == 2 and "does not support 'bench'" in r.stderr
+
+
+def test_discovery_collision_and_qualified_names(tmp_path):
+    site = tmp_path / "site"
+    fake_plugin(site, "alpha", GOOD.format(name="alpha", req=">=1.0,<2", model="wizardcoder-tiny"))
+    r = run(site, "models", "--json")
+    assert r.returncode == 0, r.stderr
+    origins = sorted(c["plugin"] for c in json.loads(r.stdout) if c["name"] == "wizardcoder-tiny")
+    assert origins == ["alpha", "wizardcoder"]
+    r = run(site, "show", "wizardcoder-tiny")
+    assert r.returncode == 2 and "alpha:wizardcoder-tiny" in r.stderr and "wizardcoder:wizardcoder-tiny" in r.stderr
+    r = run(site, "show", "alpha:wizardcoder-tiny", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["plugin"] == "alpha"
+    r = run(site, "show", "wizardcoder-15b", "--json")  # unambiguous names still resolve
+    assert r.returncode == 0
+    r = run(site, "models", "--json", ZOO_STRICT_PLUGINS="1")
+    assert r.returncode == 2 and "registered by" in r.stderr
+
+
+def test_broken_plugins_are_isolated_and_reported(tmp_path):
+    site = tmp_path / "site"
+    fake_plugin(site, "boom", "raise RuntimeError('kaboom at import')\n")
+    fake_plugin(site, "badhook", "from registry_spec import hookimpl\n@hookimpl\ndef zoo_register_modelz(register):\n"
+                                 "    pass\n")
+    fake_plugin(site, "oldspec", GOOD.format(name="oldspec", req=">=0.1,<1", model="old-model"))
+    r = run(site, "plugins", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {p["name"]: p for p in json.loads(r.stdout)}
+    assert rows["boom"]["status"] == "failed" and "kaboom" in rows["boom"]["error"]
+    assert rows["badhook"]["status"] == "failed" and "zoo_register_modelz" in rows["badhook"]["error"]
+    assert rows["oldspec"]["status"] == "failed" and __spec_version__ in rows["oldspec"]["error"]
+    assert rows["wizardcoder"]["status"] == "loaded" and rows["wizardcoder"]["version"]
+    r = run(site, "models", "--json")
+    assert r.returncode == 0 and "old-model" not in r.stdout
+    r = run(site, "models", ZOO_STRICT_PLUGINS="1")
+    assert r.returncode == 2 and "failed to load" in r.stderr
+
+
+def test_disabling_plugins(tmp_path):
+    r = zoo("plugins", "--json", env={"ZOO_DISABLE_PLUGINS": "wizardcoder"})
+    rows = {p["name"]: p for p in json.loads(r.stdout)}
+    assert rows["wizardcoder"]["status"] == "disabled"
+    r = zoo("models", "--json", env={"ZOO_DISABLE_PLUGINS": "wizardcoder"})
+    assert json.loads(r.stdout) == []
+
+
+def test_listing_and_help_import_no_ml_framework():
+    code = ("import sys\nfrom registry_spec.cli import main\n"
+            "for argv in (['models','--json'], ['show','wizardcoder-15b'], ['plugins']):\n"
+            "    main(argv)\n"
+            "try:\n    main(['predict','--help'])\nexcept SystemExit:\n    pass\n"
+            "import wizardcoder_plugin.plugin\n"
+            "heavy = sorted(m for m in ('mindspore','mindformers','torch','transformers','tokenizers') "
+            "if m in sys.modules)\nprint('HEAVY', heavy, file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stderr
+
+
+def test_schemas_match_committed_snapshots():
+    from registry_spec.specs import SCHEMA_MODELS
+
+    schema_dir = Path(__file__).resolve().parents[1] / "registry_spec" / "schemas"
+    for name, cls in SCHEMA_MODELS.items():
+        committed = json.loads((schema_dir / f"{name}.json").read_text())
+        assert committed == cls.model_json_schema(by_alias=True), (
+            f"{name} drifted from its committed schema: bump __spec_version__ and run "
+            "`python -m registry_spec.schemas` to refresh the snapshots")
+    r = zoo("spec", "schema", "PredictSpec")
+    assert r.returncode == 0 and "max_new_tokens" in json.loads(r.stdout)["properties"]
