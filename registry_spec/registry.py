@@ -11,7 +11,6 @@ from types import ModuleType
 import pluggy
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
-from pydantic import ValidationError
 
 from . import __spec_version__, hookspecs
 from .errors import AmbiguousModelError, ModelNotFoundError, NameCollisionError, PluginLoadError

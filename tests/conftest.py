@@ -56,7 +56,8 @@ def hf_model(hf_tiny):
     return GPTBigCodeForCausalLM.from_pretrained(hf_tiny).eval()
 
 
-def zoo(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def zoo(*args: str, env: dict | None = None, cwd: Path | None = None,
+        timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed CLI in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "registry_spec.cli", *args], capture_output=True, text=True,

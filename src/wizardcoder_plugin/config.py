@@ -119,7 +119,8 @@ _HF_IGNORED = {
     "_name_or_path", "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
     "summary_first_dropout", "inference_runner", "max_batch_size", "max_sequence_length", "pad_key_length",
     "pre_allocate_kv_cache", "validate_runner_input", "n_ctx", "id2label", "label2id", "return_dict",
-    "output_hidden_states", "output_attentions", "torchscript", "_attn_implementation_autoset", "chunk_size_feed_forward",
+    "output_hidden_states", "output_attentions", "torchscript", "_attn_implementation_autoset",
+    "chunk_size_feed_forward",
 }
 
 # the reference's mindformers `model_config` keys -> ours (None = accepted and not needed here)

@@ -137,7 +137,7 @@ class Generator:
         ids = np.full((batch, prompt_len), self.pad, dtype=np.int32)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = p
-        ids[n:, 0] = self.eos
+        ids[n:, 0] = self.pad
 
         t0 = time.perf_counter()
         if cfg.use_cache:
@@ -150,7 +150,7 @@ class Generator:
         prefill_ms = (time.perf_counter() - t0) * 1e3
 
         generated: list[list[int]] = [[] for _ in range(batch)]
-        history = [list(p) for p in prompts] + [[self.eos]] * (batch - n)
+        history = [list(p) for p in prompts] + [[self.pad]] * (batch - n)
         finish: list[str | None] = [None] * n + ["length"] * (batch - n)
         positions = lengths.copy()
         t1 = time.perf_counter()

@@ -192,12 +192,13 @@ class GPTBigCodeForCausalLM(nn.Cell):
         self.config = config
         self.precision = precision
         self.transformer = GPTBigCodeModel(config, _DTYPES[precision])
+        self.head_matmul = ops.MatMul(transpose_b=True)  # tied head: no per-call transpose of the embedding
         self.causal = Tensor(np.tril(np.ones((config.n_positions, config.n_positions), dtype=np.bool_)))
 
     def lm_head(self, hidden: Tensor) -> Tensor:
         shape = hidden.shape
         wte = self.transformer.wte.weight
-        logits = ops.matmul(hidden.reshape(-1, shape[-1]).astype(wte.dtype), wte.swapaxes(0, 1))
+        logits = self.head_matmul(hidden.reshape(-1, shape[-1]).astype(wte.dtype), wte)
         return logits.astype(ms.float32).reshape(shape[:-1] + (logits.shape[-1],))
 
     def construct(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -26,24 +26,23 @@ LazyTensor = tuple[str, Callable[[], tuple[np.ndarray, str]]]
 HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _TIED = "lm_head.weight"
 
-# the reference's (mindformers research/wizardcoder) names -> HF names; (transpose, qkv part)
-_REF_RULES: list[tuple[re.Pattern, str, bool]] = [
-    (re.compile(r"backbone\.blocks\.(\d+)\.layernorm1\.gamma"), "transformer.h.{}.ln_1.weight", False),
-    (re.compile(r"backbone\.blocks\.(\d+)\.layernorm1\.beta"), "transformer.h.{}.ln_1.bias", False),
-    (re.compile(r"backbone\.blocks\.(\d+)\.layernorm2\.gamma"), "transformer.h.{}.ln_2.weight", False),
-    (re.compile(r"backbone\.blocks\.(\d+)\.layernorm2\.beta"), "transformer.h.{}.ln_2.bias", False),
-    (re.compile(r"backbone\.blocks\.(\d+)\.attention\.projection\.weight"), "transformer.h.{}.attn.c_proj.weight", True),
-    (re.compile(r"backbone\.blocks\.(\d+)\.attention\.projection\.bias"), "transformer.h.{}.attn.c_proj.bias", False),
-    (re.compile(r"backbone\.blocks\.(\d+)\.output\.mapping\.weight"), "transformer.h.{}.mlp.c_fc.weight", True),
-    (re.compile(r"backbone\.blocks\.(\d+)\.output\.mapping\.bias"), "transformer.h.{}.mlp.c_fc.bias", False),
-    (re.compile(r"backbone\.blocks\.(\d+)\.output\.projection\.weight"), "transformer.h.{}.mlp.c_proj.weight", True),
-    (re.compile(r"backbone\.blocks\.(\d+)\.output\.projection\.bias"), "transformer.h.{}.mlp.c_proj.bias", False),
-    (re.compile(r"backbone\.layernorm\.gamma"), "transformer.ln_f.weight", False),
-    (re.compile(r"backbone\.layernorm\.beta"), "transformer.ln_f.bias", False),
-    (re.compile(r"backbone\.embedding\.word_embedding\.embedding_table"), "transformer.wte.weight", False),
-    (re.compile(r"backbone\.embedding\.position_embedding\.embedding_table"), "transformer.wpe.weight", False),
-    (re.compile(r"head\.head_weight"), _TIED, False),
-]
+# the reference's (mindformers research/wizardcoder) names -> HF names. Its dense weights for attention.projection
+# and both MLP matrices are stored [in, out] (transposed); q/k/v are split into dense1/2/3.
+_REF_BLOCK = re.compile(r"backbone\.blocks\.(\d+)\.(.+)")
+_REF_BLOCK_NAMES: dict[str, tuple[str, bool]] = {
+    "layernorm1.gamma": ("ln_1.weight", False), "layernorm1.beta": ("ln_1.bias", False),
+    "layernorm2.gamma": ("ln_2.weight", False), "layernorm2.beta": ("ln_2.bias", False),
+    "attention.projection.weight": ("attn.c_proj.weight", True),
+    "attention.projection.bias": ("attn.c_proj.bias", False),
+    "output.mapping.weight": ("mlp.c_fc.weight", True), "output.mapping.bias": ("mlp.c_fc.bias", False),
+    "output.projection.weight": ("mlp.c_proj.weight", True), "output.projection.bias": ("mlp.c_proj.bias", False),
+}
+_REF_GLOBAL_NAMES = {
+    "backbone.layernorm.gamma": "transformer.ln_f.weight", "backbone.layernorm.beta": "transformer.ln_f.bias",
+    "backbone.embedding.word_embedding.embedding_table": "transformer.wte.weight",
+    "backbone.embedding.position_embedding.embedding_table": "transformer.wpe.weight",
+    "head.head_weight": _TIED,
+}
 _REF_QKV = re.compile(r"backbone\.blocks\.(\d+)\.attention\.dense([123])\.(weight|bias)")
 
 
@@ -93,7 +92,8 @@ def _ms_ckpt(path: Path) -> Iterator[LazyTensor]:
     try:
         params = ms.load_checkpoint(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot read MindSpore checkpoint {path}: {exc}", "is it a .ckpt written by MindSpore?") from exc
+        raise InputError(f"cannot read MindSpore checkpoint {path}: {exc}",
+                         "is it a .ckpt written by MindSpore?") from exc
     for name, p in params.items():
         def load(p=p):  # noqa: ANN202
             if p.dtype == ms.bfloat16:
@@ -154,20 +154,19 @@ def to_hf_names(tensors: Iterator[LazyTensor]) -> Iterator[LazyTensor]:
                 yield f"transformer.h.{layer}.attn.c_attn.{kind}", fused
                 del qkv[(layer, kind)]
             continue
-        for pattern, target, transpose in _REF_RULES:
-            rm = pattern.fullmatch(name)
-            if rm:
-                new = target.format(*rm.groups())
-                if transpose:
-                    def t(load=load):  # noqa: ANN202
-                        a, d = load()
-                        return np.ascontiguousarray(a.T), d
-                    yield new, t
-                else:
-                    yield new, load
-                break
+        block = _REF_BLOCK.fullmatch(name)
+        if block and block.group(2) in _REF_BLOCK_NAMES:
+            suffix, transpose = _REF_BLOCK_NAMES[block.group(2)]
+            new = f"transformer.h.{block.group(1)}.{suffix}"
+            if transpose:
+                def transposed(load=load):  # noqa: ANN202
+                    a, d = load()
+                    return np.ascontiguousarray(a.T), d
+                yield new, transposed
+            else:
+                yield new, load
         else:
-            yield name, load
+            yield _REF_GLOBAL_NAMES.get(name, name), load
     if qkv:
         raise InputError(f"incomplete q/k/v (dense1/2/3) tensors for layers {sorted({k[0] for k in qkv})}",
                          "the reference checkpoint is truncated")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up the environment and run lint + the whole test suite (what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+export GLOG_v=3
+.venv/bin/ruff check registry_spec conformance src tests benchmarks scripts
+.venv/bin/python -m pytest -q "$@"
