@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 export GLOG_v=3
-.venv/bin/ruff check registry_spec conformance src tests benchmarks scripts
+.venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
