@@ -225,7 +225,8 @@ def _print_human(command: str, payload: dict[str, Any]) -> None:
 def cmd_conformance(args: argparse.Namespace, registry: Any) -> int:
     from conformance import check_plugin
 
-    report = check_plugin(args.plugin, tier=args.tier, registry=registry)
+    with contextlib.redirect_stdout(sys.stderr):  # progress of smoke checks must not corrupt --json
+        report = check_plugin(args.plugin, tier=args.tier, registry=registry)
     if args.json:
         _out([c.as_dict() for c in report.checks])
     else:

@@ -128,6 +128,11 @@ def test_zoo_predict_on_hf_checkpoint(hf_tiny, hf_model, tmp_path):
     assert [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()] == rows
     r = zoo(*base, "--prompt", prompt, "--stream")
     assert r.returncode == 0 and r.stdout.strip() == rows[0]["text"].strip()
+    text = rows[0]["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    r = zoo(*base, "--prompt", prompt, "--stop", stop, "--json")
+    stopped = json.loads(r.stdout)
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == text[: text.find(stop)]
     r = zoo(*base, "--prompt", "word " * 300)
     assert r.returncode == 2 and "--truncate" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad.jsonl"

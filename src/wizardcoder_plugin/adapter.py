@@ -41,6 +41,10 @@ class WizardCoderAdapter(BaseAdapter):
                                       [str(c) for c in candidates if c is not None],
                                       "pass --tokenizer DIR with your checkpoint's tokenizer files")
 
+    def load_tokenizer(self, path: Path | None = None) -> object:
+        """The conformance suite's tokenizer hook: encode/decode, eos_token_id, pad_token_id, vocab_size."""
+        return self.tokenizer(path, None)
+
     def generator(self, spec: PredictSpec) -> tuple[object, object]:
         from .generate import Generator
         from .runtime import build_model
@@ -76,3 +80,24 @@ class WizardCoderAdapter(BaseAdapter):
                              "use --backend online (exported-graph backends come with `zoo export`)")
         gen, tok = self.generator(spec)
         return run_predict(spec, gen, tok)
+
+    def conformance_fixture(self, workdir: Path) -> dict[str, Path]:
+        """Tiny local assets for the conformance smoke tier: a seeded random checkpoint in HF layout, the bundled
+        tokenizer, and a few instruction rows."""
+        import json
+
+        from .runtime import build_model, init_mindspore
+        from .weights import convert
+
+        ms = init_mindspore()
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = self.config(None)
+        ckpt = workdir / "init.ckpt"
+        ms.save_checkpoint(build_model(self.card.name, config, None, seed=0), str(ckpt))
+        hf_dir = workdir / "hf"
+        convert(ckpt, hf_dir, config, to="hf", progress=False)
+        data = workdir / "instructions.json"
+        data.write_text(json.dumps([{"instruction": f"Return {i} plus one.", "input": "",
+                                     "output": f"def f():\n    return {i} + 1"} for i in range(16)]))
+        return {"weights": hf_dir, "hf_checkpoint": hf_dir, "config": hf_dir / "config.json",
+                "tokenizer": BUNDLED_TOKENIZER, "instruction_data": data}

@@ -7,7 +7,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from registry_spec.errors import WeightsUnavailableError
+from registry_spec.errors import InputError, WeightsUnavailableError
 
 from .config import GPTBigCodeConfig
 
@@ -53,6 +53,9 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
     from .modeling import GPTBigCodeForCausalLM
     from .weights import load_into
 
+    if precision == "bf16" and ms.get_context("device_target") == "CPU":
+        raise InputError("bf16 compute is not supported by MindSpore's CPU kernels",
+                         "use --precision fp32 or fp16 on CPU (bf16 runs on Ascend)")
     ms.set_seed(seed)
     net = GPTBigCodeForCausalLM(config, precision)
     net.set_train(False)
