@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -63,6 +62,3 @@ def zoo(*args: str, env: dict | None = None, cwd: Path | None = None,
     return subprocess.run([sys.executable, "-m", "registry_spec.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=timeout)
 
-
-def read_json(text: str):
-    return json.loads(text)

@@ -86,14 +86,12 @@ class WizardCoderAdapter(BaseAdapter):
         tokenizer, and a few instruction rows."""
         import json
 
-        from .runtime import build_model, init_mindspore
+        from .runtime import save_random_init
         from .weights import convert
 
-        ms = init_mindspore()
         workdir.mkdir(parents=True, exist_ok=True)
         config = self.config(None)
-        ckpt = workdir / "init.ckpt"
-        ms.save_checkpoint(build_model(self.card.name, config, None, seed=0), str(ckpt))
+        ckpt = save_random_init(self.card.name, config, workdir / "init.ckpt")
         hf_dir = workdir / "hf"
         convert(ckpt, hf_dir, config, to="hf", progress=False)
         data = workdir / "instructions.json"

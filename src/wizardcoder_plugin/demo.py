@@ -37,14 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. a checkpoint to work with: the tiny model's seeded random init, saved as a MindSpore ckpt
     from .config import PRESETS
-    from .runtime import build_model, init_mindspore
+    from .runtime import save_random_init
 
-    ms = init_mindspore()
-    ckpt = out / "tiny-init.ckpt"
-    net = build_model("wizardcoder-tiny", PRESETS["wizardcoder-tiny"], None, seed=0)
-    tmp = out / ".tiny-init.tmp.ckpt"  # MindSpore appends .ckpt to other names
-    ms.save_checkpoint(net, str(tmp))
-    tmp.replace(ckpt)
+    ckpt = save_random_init("wizardcoder-tiny", PRESETS["wizardcoder-tiny"], out / "tiny-init.ckpt")
     summary["mindspore checkpoint"] = str(ckpt)
 
     # 2. convert MindSpore -> HF safetensors -> MindSpore

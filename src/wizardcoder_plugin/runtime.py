@@ -65,3 +65,12 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
     else:
         load_into(net, source, config)
     return net
+
+
+def save_random_init(model: str, config: GPTBigCodeConfig, path: Path, seed: int = 0) -> Path:
+    """Write the seeded random init of `model` as a MindSpore .ckpt, atomically."""
+    ms = init_mindspore()
+    tmp = path.with_name(f".{path.stem}.tmp.ckpt")  # MindSpore appends .ckpt to other names
+    ms.save_checkpoint(build_model(model, config, None, seed=seed), str(tmp))
+    tmp.replace(path)
+    return path

@@ -219,20 +219,6 @@ def load_into(model: object, source: str | Path, config: GPTBigCodeConfig) -> No
         param.set_data(ms.Tensor(f32, dtype=ms.float32).astype(param.dtype))
 
 
-def source_digest(source: str | Path) -> str:
-    """sha256 over the checkpoint file(s) (used by export manifests)."""
-    import hashlib
-
-    p = Path(source)
-    files = sorted(f for f in p.iterdir() if f.suffix in {".safetensors", ".bin", ".ckpt"}) if p.is_dir() else [p]
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------- converting
 def convert(source: str | Path, output: str | Path, config: GPTBigCodeConfig, to: str = "ms",
             dtype: str = "keep", progress: bool = True) -> ConvertResult:
