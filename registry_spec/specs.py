@@ -107,7 +107,7 @@ class ParallelSpec(_Strict):
 
 
 class TrainSpec(_WeightsSpec):
-    data: Path
+    data: Path | None = Field(None, description="MindRecord from `zoo preprocess` (or the run YAML's dataset_dir)")
     mode: Literal["pretrain", "finetune"] = "finetune"
     output_dir: Path
     max_steps: PositiveInt | None = None

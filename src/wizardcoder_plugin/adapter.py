@@ -6,7 +6,19 @@ from pathlib import Path
 
 from registry_spec.adapter import BaseAdapter
 from registry_spec.errors import InputError, WeightsUnavailableError
-from registry_spec.specs import ConvertResult, ConvertSpec, ModelCard, PredictResult, PredictSpec
+from registry_spec.specs import (
+    ConvertResult,
+    ConvertSpec,
+    EvalResult,
+    EvalSpec,
+    ModelCard,
+    PredictResult,
+    PredictSpec,
+    PreprocessResult,
+    PreprocessSpec,
+    TrainResult,
+    TrainSpec,
+)
 
 from .config import GPTBigCodeConfig, resolve_config
 
@@ -80,6 +92,32 @@ class WizardCoderAdapter(BaseAdapter):
                              "use --backend online (exported-graph backends come with `zoo export`)")
         gen, tok = self.generator(spec)
         return run_predict(spec, gen, tok)
+
+    def preprocess(self, spec: PreprocessSpec) -> PreprocessResult:
+        from .preprocess import run_preprocess
+
+        return run_preprocess(spec, self.tokenizer(spec.tokenizer, None))
+
+    def train(self, spec: TrainSpec, callbacks: list | None = None) -> TrainResult:
+        """Pretrain or finetune; `callbacks` (Python API) get each step's metrics row."""
+        import sys
+
+        from .run_config import resolve_train
+        from .train import Trainer
+
+        settings, config, notes = resolve_train(spec, self.card.name)
+        for note in notes:
+            print(f"note: {spec.config}: {note}", file=sys.stderr)
+        return Trainer(settings, config, self.card.name, config.pad_token_id).train(callbacks)
+
+    def evaluate(self, spec: EvalSpec) -> EvalResult:
+        from .evaluate import run_eval
+
+        def generator_for() -> tuple[object, object]:
+            return self.generator(PredictSpec(model=spec.model, weights=spec.weights, config=spec.config,
+                                              tokenizer=spec.tokenizer, batch_size=spec.batch_size * spec.n_samples))
+
+        return run_eval(spec, generator_for)
 
     def conformance_fixture(self, workdir: Path) -> dict[str, Path]:
         """Tiny local assets for the conformance smoke tier: a seeded random checkpoint in HF layout, the bundled

@@ -27,6 +27,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     use_cache: bool = True
     truncate: bool = False
+    max_length: int | None = None  # per-row cap on prompt + generated tokens (HF's max_length)
 
 
 @dataclass
@@ -170,7 +171,8 @@ class Generator:
                     finish[r] = "eos"
                 elif should_stop and should_stop(r, generated[r]):
                     finish[r] = "stop"
-                elif len(generated[r]) >= cfg.max_new_tokens or positions[r] + 1 >= max_len:
+                elif (len(generated[r]) >= cfg.max_new_tokens or positions[r] + 1 >= max_len
+                      or (cfg.max_length and lengths[r] + len(generated[r]) >= cfg.max_length)):
                     finish[r] = "length"
             if all(f is not None for f in finish):
                 break

@@ -69,8 +69,24 @@ class Activation(nn.Cell):
         return self.gelu_tanh(x)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_query: bool) -> Tensor:
-    """Scaled dot-product attention. q [B,S,H*d] (already scaled), k/v [B,T,kv*d], mask bool [B,S,T] -> [B,S,H*d]."""
+class Dropout(nn.Cell):
+    """Dropout active only in training mode and only when p > 0 (a compile-time branch: free at inference)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.active = p > 0
+        self.drop = nn.Dropout(p=p) if p > 0 else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.active and self.training:
+            return self.drop(x)
+        return x
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_query: bool,
+           dropout: nn.Cell | None = None) -> Tensor:
+    """Scaled dot-product attention. q [B,S,H*d] (already scaled), k/v [B,T,kv*d], mask bool [B,S,T] -> [B,S,H*d].
+    `dropout` applies to the attention probabilities (HF's attn_pdrop)."""
     b, s, hd = q.shape
     t = k.shape[1]
     d = hd // n_head
@@ -79,6 +95,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_que
         scores = ops.select(mask.reshape(b, s, 1, t).broadcast_to((b, s, n_head, t)),
                             scores.astype(ms.float32), ops.full_like(scores, _MASK_MIN, dtype=ms.float32))
         probs = ops.softmax(scores, axis=-1).astype(v.dtype)
+        if dropout is not None:
+            probs = dropout(probs)
         return ops.bmm(probs.reshape(b, s * n_head, t), v).reshape(b, s, hd)
     qh = q.reshape(b, s, n_head, d).swapaxes(1, 2).reshape(b * n_head, s, d)
     kh = k.reshape(b, t, n_head, d).swapaxes(1, 2).reshape(b * n_head, t, d)
@@ -87,6 +105,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_que
     full_mask = mask.reshape(b, 1, s, t).broadcast_to((b, n_head, s, t))
     scores = ops.select(full_mask, scores.astype(ms.float32), ops.full_like(scores, _MASK_MIN, dtype=ms.float32))
     probs = ops.softmax(scores, axis=-1).astype(vh.dtype).reshape(b * n_head, s, t)
+    if dropout is not None:
+        probs = dropout(probs)
     out = ops.bmm(probs, vh).reshape(b, n_head, s, d).swapaxes(1, 2)
     return out.reshape(b, s, hd)
 
@@ -101,6 +121,8 @@ class GPTBigCodeAttention(nn.Cell):
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.c_attn = Linear(config.n_embd, config.n_embd + 2 * self.kv_dim, config.initializer_range, dtype)
         self.c_proj = Linear(config.n_embd, config.n_embd, config.initializer_range, dtype)
+        self.attn_dropout = Dropout(config.attn_pdrop)
+        self.resid_dropout = Dropout(config.resid_pdrop)
 
     def qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """(scaled query [B,S,H*d], key|value [B,S,2*kv*d]); the cache stores key|value fused, as HF does.
@@ -126,7 +148,8 @@ class GPTBigCodeAttention(nn.Cell):
             heads = kv.reshape(b, t, self.n_head, 2 * d)
             k = heads[:, :, :, :d].reshape(b, t, self.embed_dim)
             v = heads[:, :, :, d:].reshape(b, t, self.embed_dim)
-        return self.c_proj(attend(q, k, v, mask, self.n_head, self.multi_query))
+        out = attend(q, k, v, mask, self.n_head, self.multi_query, self.attn_dropout)
+        return self.resid_dropout(self.c_proj(out))
 
     def construct(self, hidden: Tensor, mask: Tensor) -> Tensor:
         q, kv = self.qkv(hidden)
@@ -139,9 +162,10 @@ class GPTBigCodeMLP(nn.Cell):
         self.c_fc = Linear(config.n_embd, config.inner_dim, config.initializer_range, dtype)
         self.act = Activation(config.activation_function)
         self.c_proj = Linear(config.inner_dim, config.n_embd, config.initializer_range, dtype)
+        self.dropout = Dropout(config.resid_pdrop)
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class GPTBigCodeBlock(nn.Cell):
@@ -173,9 +197,10 @@ class GPTBigCodeModel(nn.Cell):
         self.wpe = Embedding(config.n_positions, config.n_embd, config.initializer_range, dtype)
         self.h = nn.CellList([GPTBigCodeBlock(config, dtype) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.drop = Dropout(config.embd_pdrop)
 
     def embed(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        return self.wte(input_ids) + self.wpe(position_ids)
+        return self.drop(self.wte(input_ids) + self.wpe(position_ids))
 
     def construct(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor) -> Tensor:
         hidden = self.embed(input_ids, position_ids)

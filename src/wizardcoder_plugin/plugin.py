@@ -13,7 +13,7 @@ from .config import PRESETS
 PLUGIN_NAME = "wizardcoder"
 ADAPTER = "wizardcoder_plugin.adapter:WizardCoderAdapter"
 # capabilities are listed only once they work end to end (tested against the HF reference)
-CAPABILITIES = ["convert", "predict"]
+CAPABILITIES = ["convert", "preprocess", "train", "finetune", "predict", "eval"]
 
 _DESCRIPTIONS = {
     "wizardcoder-15b": "WizardCoder-15B-V1.0: StarCoder-15B instruction-tuned with Evol-Instruct",

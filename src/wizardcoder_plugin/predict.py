@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 
 from registry_spec.errors import InputError
 from registry_spec.specs import Completion, PredictResult, PredictSpec
 
+from .atomic import write_jsonl
 from .generate import GenerationConfig, GenerationOutput
 from .templates import apply_template
 
@@ -105,17 +103,3 @@ def run_predict(spec: PredictSpec, generator: object, tokenizer: object) -> Pred
     if spec.output is not None:
         write_jsonl(spec.output, [c.model_dump(mode="json") for c in completions])
     return result
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Atomic: a temporary file in the same folder, renamed over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

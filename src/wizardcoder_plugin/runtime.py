@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,6 +19,8 @@ RANDOM_INIT_OK = {"wizardcoder-tiny"}  # demo/test model: random weights are its
 def init_mindspore() -> object:
     os.environ.setdefault("GLOG_v", "3")
     os.environ.setdefault("GLOG_logtostderr", "1")
+    # graph-compile failures dump analyze_fail.ir under $MS_OM_PATH (default: ./rank_0 in the user's cwd)
+    os.environ.setdefault("MS_OM_PATH", os.path.join(tempfile.gettempdir(), f"zoo-mindspore-{os.getuid()}"))
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -29,8 +32,9 @@ def weights_search_paths(model: str) -> list[Path]:
     return [Path(r) / model for r in roots if r]
 
 
-def find_weights(model: str, weights: Path | None) -> Path | None:
-    """The explicit --weights, else a default location; None means random init (tiny model only)."""
+def find_weights(model: str, weights: Path | None, allow_random: bool = False) -> Path | None:
+    """The explicit --weights, else a default location; None means random init (the tiny model, or pretraining
+    from scratch)."""
     if weights is not None:
         if not Path(weights).exists():
             raise WeightsUnavailableError(f"weights for {model!r}", [str(weights)])
@@ -39,7 +43,7 @@ def find_weights(model: str, weights: Path | None) -> Path | None:
     for c in candidates:
         if c.exists():
             return c
-    if model in RANDOM_INIT_OK:
+    if model in RANDOM_INIT_OK or allow_random:
         return None
     raise WeightsUnavailableError(f"weights for {model!r}", [str(c) for c in candidates],
                                   f"convert the HF checkpoint (`zoo convert {model} --input HF_DIR --output "
@@ -47,7 +51,7 @@ def find_weights(model: str, weights: Path | None) -> Path | None:
 
 
 def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, precision: str = "fp32",
-                seed: int = 0) -> object:
+                seed: int = 0, allow_random: bool = False) -> object:
     """A GPTBigCodeForCausalLM with its weights loaded (or seeded random init for the tiny model)."""
     ms = init_mindspore()
     from .modeling import GPTBigCodeForCausalLM
@@ -59,7 +63,7 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
     ms.set_seed(seed)
     net = GPTBigCodeForCausalLM(config, precision)
     net.set_train(False)
-    source = find_weights(model, weights)
+    source = find_weights(model, weights, allow_random)
     if source is None:
         print(f"note: no weights given for {model}: using a random init (seed {seed})", file=sys.stderr)
     else:

@@ -121,8 +121,8 @@ def open_source(path: str | Path) -> Iterator[LazyTensor]:
         elif (p / "pytorch_model.bin.index.json").is_file():
             raw = _hf_torch_bin(_shard_files(p / "pytorch_model.bin.index.json"))
         else:
-            ckpts = sorted(p.glob("*.ckpt"))
-            if len(ckpts) == 1:
+            ckpts = [p / "model.ckpt"] if (p / "model.ckpt").is_file() else sorted(p.glob("*.ckpt"))
+            if len(ckpts) == 1:  # a single .ckpt, or a training checkpoint folder
                 return to_hf_names(_ms_ckpt(ckpts[0]))
             raise WeightsUnavailableError("model weights", [str(p / f) for f in HF_FILES] + [str(p / "*.ckpt")])
         return to_hf_names(raw)

@@ -1,0 +1,188 @@
+"""Training math as MindSpore graphs: the causal-LM loss, gradient accumulation, AdamW, the LR schedule and
+dynamic loss scaling.
+
+The optimizer step is split in two graph calls so the host can decide between them: `GradStats` (all-reduce the
+accumulated gradients across data-parallel ranks, return their squared norm) and, when that norm is finite,
+`AdamW` (unscale, clip, update, clear). An overflowing fp16 step only clears the accumulators (`ClearGrads`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over labels != -100 (logits [B,S,V] predict labels [B,S], already shifted).
+    Equal to HF's loss; 0 (not NaN) when a batch has no labelled token."""
+    v = logits.shape[-1]
+    logp = ops.log_softmax(logits.reshape(-1, v).astype(ms.float32), axis=-1)
+    flat = labels.reshape(-1, 1)
+    keep = flat != IGNORE_INDEX
+    nll = -ops.gather_elements(logp, 1, ops.select(keep, flat, ops.zeros_like(flat)))
+    keep_f = keep.astype(ms.float32)
+    return (nll * keep_f).sum() / ops.maximum(keep_f.sum(), 1.0)
+
+
+class CausalLMLoss(nn.Cell):
+    """rows [B, S+1] -> loss of predicting tokens 1..S from 0..S-1 (the reference's input/label shift)."""
+
+    def __init__(self, model: nn.Cell, pad_token_id: int) -> None:
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.pad = pad_token_id
+
+    def construct(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        tokens, targets = input_ids[:, :-1], labels[:, 1:]
+        b, s = tokens.shape
+        positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
+        return causal_lm_loss(self.model(tokens, positions, (tokens != self.pad).astype(ms.int32)), targets)
+
+
+class AccumulateGrads(nn.Cell):
+    """Forward + backward of one micro-batch; gradients of (loss * scale) are added to the accumulators."""
+
+    def __init__(self, loss_net: CausalLMLoss, params: ParameterTuple, accum: ParameterTuple) -> None:
+        super().__init__(auto_prefix=False)
+        self.loss_net = loss_net
+        self.params = params
+        self.accum = accum
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+
+    def construct(self, input_ids: Tensor, labels: Tensor, scale: Tensor) -> Tensor:
+        loss = self.loss_net(input_ids, labels)
+        grads = self.grad(self.loss_net, self.params)(input_ids, labels, scale)
+        out = loss
+        for i in range(len(grads)):  # index loops: graph mode does not take zip(strict=...)
+            out = ops.depend(out, ops.assign_add(self.accum[i], grads[i].astype(ms.float32)))
+        return out
+
+
+class GradStats(nn.Cell):
+    """All-reduces the accumulators over data-parallel ranks (mean) and returns their squared L2 norm."""
+
+    def __init__(self, accum: ParameterTuple, reducer: nn.Cell | None) -> None:
+        super().__init__(auto_prefix=False)
+        self.accum = accum
+        self.reducer = reducer
+
+    def construct(self) -> Tensor:
+        grads = tuple(self.accum)
+        total = ops.zeros((), ms.float32)
+        if self.reducer is not None:
+            reduced = self.reducer(grads)
+            for i in range(len(reduced)):
+                total = ops.depend(total, ops.assign(self.accum[i], reduced[i]))
+            grads = reduced
+        for g in grads:
+            total = total + (g * g).sum()
+        return total
+
+
+class ClearGrads(nn.Cell):
+    def __init__(self, accum: ParameterTuple) -> None:
+        super().__init__(auto_prefix=False)
+        self.accum = accum
+
+    def construct(self) -> Tensor:
+        out = ops.zeros((), ms.float32)
+        for acc in self.accum:
+            out = ops.depend(out, ops.assign(acc, ops.zeros_like(acc)))
+        return out
+
+
+class AdamW(nn.Cell):
+    """torch.optim.AdamW's update with fp32 state (and fp32 master weights for fp16/bf16 parameters):
+        p <- p * (1 - lr * wd);  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2
+        p <- p - (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+    with g = accumulated gradient * grad_coef (unscaling, accumulation mean and clipping folded into one factor).
+    bc1/bc2 come from the host: 1 - beta^t for torch's AdamW, 1 for the reference's FP32StateAdamWeightDecay."""
+
+    def __init__(self, params: ParameterTuple, accum: ParameterTuple, beta1: float, beta2: float, eps: float,
+                 weight_decay: float) -> None:
+        super().__init__(auto_prefix=False)
+        self.params = params
+        self.accum = accum
+        self.m = fp32_zeros(params, "adam_m")
+        self.v = fp32_zeros(params, "adam_v")
+        self.master = ParameterTuple(
+            Parameter(Tensor(p.asnumpy(), ms.float32), name="master." + p.name, requires_grad=False)
+            for p in params if p.dtype != ms.float32)
+        slots, n = [], 0
+        for p in params:  # index into self.master, -1 for fp32 parameters (updated in place)
+            slots.append(n if p.dtype != ms.float32 else -1)
+            n += p.dtype != ms.float32
+        self.master_slot = tuple(slots)
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.decay = tuple(weight_decay if _decays(p.name) else 0.0 for p in params)
+
+    def construct(self, lr: Tensor, grad_coef: Tensor, bc1: Tensor, bc2: Tensor) -> Tensor:
+        out = ops.zeros((), ms.float32)
+        for i in range(len(self.params)):
+            p = self.params[i]
+            slot = self.master_slot[i]
+            g = self.accum[i] * grad_coef
+            w = self.master[slot] if slot >= 0 else p
+            w_new = w * (1.0 - lr * self.decay[i])
+            m = self.beta1 * self.m[i] + (1.0 - self.beta1) * g
+            v = self.beta2 * self.v[i] + (1.0 - self.beta2) * g * g
+            w_new = w_new - (lr / bc1) * m / (ops.sqrt(v) / ops.sqrt(bc2) + self.eps)
+            out = ops.depend(out, ops.assign(self.m[i], m))
+            out = ops.depend(out, ops.assign(self.v[i], v))
+            if slot >= 0:
+                out = ops.depend(out, ops.assign(self.master[slot], w_new))
+            out = ops.depend(out, ops.assign(p, w_new.astype(p.dtype)))
+            out = ops.depend(out, ops.assign(self.accum[i], ops.zeros_like(self.accum[i])))
+        return out
+
+
+def fp32_zeros(params: ParameterTuple, prefix: str) -> ParameterTuple:
+    return ParameterTuple(Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"{prefix}.{p.name}",
+                                    requires_grad=False) for p in params)
+
+
+def _decays(name: str) -> bool:
+    """Weight decay on matrices only, as HF and the reference do: no decay on biases or LayerNorm parameters."""
+    return not (name.endswith(".bias") or ".ln_" in name or name.startswith("transformer.ln_f"))
+
+
+# ---------------------------------------------------------------------------------------------- host-side state
+def cosine_with_warmup(step: int, lr: float, lr_end: float, warmup_steps: int, total_steps: int) -> float:
+    """The reference's CosineWithWarmUpLR (mindformers): linear warmup from 0, then half a cosine to lr_end.
+    `step` counts optimizer steps from 0."""
+    if step >= total_steps:
+        return lr_end
+    if warmup_steps and step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr_end + (lr - lr_end) * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class LossScaler:
+    """Dynamic loss scaling (the reference's DynamicLossScaleUpdateCell): halve and skip the step on overflow,
+    double after `window` good steps in a row. Static 1.0 when disabled (fp32, bf16)."""
+
+    scale: float = 1.0
+    factor: float = 2.0
+    window: int = 1000
+    dynamic: bool = False
+    good_steps: int = 0
+
+    def update(self, finite: bool) -> None:
+        if not self.dynamic:
+            return
+        if not finite:
+            self.scale = max(self.scale / self.factor, 1.0)
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.window:
+            self.scale *= self.factor
+            self.good_steps = 0

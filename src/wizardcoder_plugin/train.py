@@ -1,0 +1,310 @@
+"""`zoo train`: the training loop (pretrain or finetune) with checkpoints, resume and data-parallel ranks.
+
+One optimizer step = `grad_accum` micro-batches per rank (forward+backward into fp32 accumulators), then one
+all-reduce + norm graph and one AdamW graph. Rows are read in file order (the reference does not shuffle); each
+step takes the next `batch_size * grad_accum * ranks` rows, so a run's data position is one integer and training on
+N ranks sees exactly the rows one process would with an N-times larger batch.
+
+Checkpoints (`checkpoint-<step>/`: model.ckpt, optimizer.ckpt, state.json) are written to a temporary folder and
+renamed into place, so a run killed mid-save leaves the previous checkpoint intact. Ctrl-C saves and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from registry_spec.errors import InputError
+from registry_spec.specs import TrainResult
+
+from .atomic import atomic_dir
+from .config import GPTBigCodeConfig
+from .preprocess import COLUMNS, read_mindrecord
+from .run_config import TrainSettings
+
+CKPT_PREFIX = "checkpoint-"
+StepCallback = Callable[[dict], None]
+
+
+# ------------------------------------------------------------------------------------------------- distribution
+def init_parallel(settings: TrainSettings) -> tuple[int, int]:
+    """(rank, world size). Data parallel runs under `msrun`; model/pipeline parallel need Ascend."""
+    import mindspore as ms
+
+    p = settings.parallel
+    if p.model_parallel > 1 or p.pipeline_stage > 1 or p.optimizer_shard:
+        raise InputError("model/pipeline parallelism and optimizer sharding are not implemented in this plugin yet",
+                         "use data_parallel only (launched with msrun); see the README's training section")
+    launched = "MS_WORKER_NUM" in os.environ or "RANK_SIZE" in os.environ
+    if p.data_parallel == 1 and not launched:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+
+    if not launched:
+        raise InputError(f"data_parallel={p.data_parallel} needs one process per rank",
+                         f"launch with `msrun --worker_num={p.data_parallel} --local_worker_num={p.data_parallel} "
+                         "$(which zoo) train ...`")
+    init()
+    rank, size = get_rank(), get_group_size()
+    if size != p.data_parallel:
+        raise InputError(f"data_parallel={p.data_parallel} but {size} processes were launched",
+                         "make --worker_num equal the data_parallel degree")
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                 device_num=size)
+    return rank, size
+
+
+# --------------------------------------------------------------------------------------------------------- data
+class RowReader:
+    """Batches of a preprocessed MindRecord in file order, from any position, for one data-parallel rank."""
+
+    def __init__(self, path: Path, batch_size: int, rank: int, world: int, seq_length: int | None) -> None:
+        self.path, self.batch, self.rank, self.world = path, batch_size, rank, world
+        self.rows, width = read_mindrecord(path)
+        if seq_length is not None and seq_length + 1 > width:
+            raise InputError(f"--seq-length {seq_length} needs rows of {seq_length + 1} tokens but {path} has "
+                             f"{width}", f"preprocess again with --seq-length {seq_length}, or omit --seq-length")
+        self.width = width if seq_length is None else seq_length + 1
+        self.global_batch = batch_size * world
+        if self.rows < self.global_batch:
+            raise InputError(f"{path} has {self.rows} rows, fewer than one global batch ({self.global_batch})",
+                             "lower --batch-size or add data")
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return self.rows // self.global_batch
+
+    def batches(self, start_micro: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This rank's micro-batches, the epoch's micro-batch `start_micro` first, then following epochs."""
+        import mindspore.dataset as ds
+
+        while True:
+            order: list[int] = []
+            for mb in range(start_micro, self.micro_batches_per_epoch):
+                first = mb * self.global_batch + self.rank * self.batch
+                order.extend(range(first, first + self.batch))
+            if order:
+                data = ds.MindDataset(str(self.path), columns_list=list(COLUMNS), sampler=ds.SubsetSampler(order))
+                data = data.batch(self.batch, drop_remainder=True)
+                for ids, labels in data.create_tuple_iterator(output_numpy=True, num_epochs=1):
+                    yield ids[:, : self.width].astype(np.int32), labels[:, : self.width].astype(np.int32)
+            start_micro = 0
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder only gets its final name once fully written)."""
+    found = [p for p in output_dir.glob(CKPT_PREFIX + "*") if p.is_dir() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def _save_params(params: list, path: Path) -> None:
+    import mindspore as ms
+
+    ms.save_checkpoint([{"name": p.name, "data": p} for p in params], str(path))
+
+
+def _load_params(params: list, path: Path) -> None:
+    import mindspore as ms
+
+    saved = ms.load_checkpoint(str(path))
+    for p in params:
+        if p.name not in saved:
+            raise InputError(f"checkpoint {path} has no tensor {p.name!r}", "resume from a checkpoint of this run")
+        value = saved[p.name]
+        if tuple(value.shape) != tuple(p.shape):
+            raise InputError(f"checkpoint {path}: {p.name} has shape {tuple(value.shape)}, the model needs "
+                             f"{tuple(p.shape)}", "resume with the same model config")
+        p.set_data(value.astype(p.dtype))
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(self, settings: TrainSettings, config: GPTBigCodeConfig, model_name: str, pad_token_id: int,
+                 progress: bool = True) -> None:
+        from mindspore import ParameterTuple, Tensor, nn
+
+        from .optim import AccumulateGrads, AdamW, CausalLMLoss, ClearGrads, GradStats, LossScaler, fp32_zeros
+        from .runtime import build_model, init_mindspore
+
+        init_mindspore()
+        self.s, self.config, self.progress = settings, config, progress
+        self.rank, self.world = init_parallel(settings)
+        self.reader = RowReader(settings.data, settings.batch_size, self.rank, self.world, settings.seq_length)
+        seq = self.reader.width - 1
+        if seq > config.n_positions:
+            raise InputError(f"rows of {seq} tokens exceed the model's {config.n_positions} positions",
+                             "preprocess with a smaller --seq-length")
+        self.model = build_model(model_name, config, settings.weights, settings.precision, seed=settings.seed,
+                                 allow_random=settings.mode == "pretrain")
+        self.model.set_train(True)
+        self.params = ParameterTuple(self.model.trainable_params())
+        self.accum = fp32_zeros(self.params, "accum")
+        reducer = nn.DistributedGradReducer(self.accum, mean=True, degree=self.world) if self.world > 1 else None
+        self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id), self.params, self.accum)
+        self.stats = GradStats(self.accum, reducer)
+        self.clear = ClearGrads(self.accum)
+        self.adamw = AdamW(self.params, self.accum, settings.beta1, settings.beta2, settings.eps,
+                           settings.weight_decay)
+        self.scaler = LossScaler(scale=settings.loss_scale if settings.precision == "fp16" else 1.0,
+                                 factor=settings.loss_scale_factor, window=settings.loss_scale_window,
+                                 dynamic=settings.precision == "fp16")
+        self.loss_reduce = _LossMean(self.world) if self.world > 1 else None
+        steps_per_epoch = self.reader.micro_batches_per_epoch // settings.grad_accum
+        if steps_per_epoch == 0:
+            raise InputError(f"{settings.data} has too few rows for one step of {settings.batch_size} x "
+                             f"{settings.grad_accum} x {self.world} rows", "lower --batch-size or --grad-accum")
+        self.total_steps = settings.max_steps or settings.epochs * steps_per_epoch
+        self.step, self.adam_step, self.micro_position = 0, 0, 0
+        self.tensor = Tensor
+
+    # ------------------------------------------------------------------------------------------------ state
+    def optimizer_params(self) -> list:
+        return list(self.adamw.m) + list(self.adamw.v) + list(self.adamw.master)
+
+    def state(self) -> dict:
+        return {"step": self.step, "adam_step": self.adam_step, "micro_position": self.micro_position,
+                "total_steps": self.total_steps, "loss_scale": self.scaler.scale, "good_steps": self.scaler.good_steps,
+                "world": self.world, "rows": self.reader.rows, "width": self.reader.width,
+                "settings": json.loads(self.s.model_dump_json())}
+
+    def save(self) -> Path:
+        out = self.s.output_dir / f"{CKPT_PREFIX}{self.step}"
+        if self.rank == 0:
+            with atomic_dir(out) as tmp:
+                _save_params(list(self.params), tmp / "model.ckpt")
+                _save_params(self.optimizer_params(), tmp / "optimizer.ckpt")
+                (tmp / "state.json").write_text(json.dumps(self.state(), indent=2))
+            for old in checkpoints(self.s.output_dir)[: -self.s.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    def restore(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / "state.json").read_text())
+        for key, mine in (("rows", self.reader.rows), ("width", self.reader.width), ("world", self.world)):
+            if state[key] != mine:
+                raise InputError(f"cannot resume from {ckpt}: it was trained with {key}={state[key]}, this run has "
+                                 f"{mine}", "resume with the same data and launch layout, or use a new --output-dir")
+        saved = state["settings"]
+        for key in ("batch_size", "grad_accum"):
+            if saved[key] != getattr(self.s, key):
+                raise InputError(f"cannot resume from {ckpt}: {key} was {saved[key]}, now {getattr(self.s, key)}",
+                                 f"pass --{key.replace('_', '-')} {saved[key]}")
+        _load_params(list(self.params), ckpt / "model.ckpt")
+        _load_params(self.optimizer_params(), ckpt / "optimizer.ckpt")
+        self.step, self.adam_step = state["step"], state["adam_step"]
+        self.micro_position = state["micro_position"]
+        self.scaler.scale, self.scaler.good_steps = state["loss_scale"], state["good_steps"]
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def train(self, callbacks: list[StepCallback] | None = None) -> TrainResult:
+        from tqdm import tqdm
+
+        from .optim import cosine_with_warmup
+
+        s, T = self.s, self.tensor
+        s.output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in s.output_dir.glob(f".{CKPT_PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)  # a save killed half-way
+        if s.resume:
+            found = checkpoints(s.output_dir)
+            if found:
+                self.restore(found[-1])
+                if self.rank == 0:
+                    print(f"resuming from {found[-1]} (step {self.step})", file=sys.stderr)
+            elif self.rank == 0:
+                print(f"--resume: no checkpoint in {s.output_dir}; starting from step 0", file=sys.stderr)
+        metrics_file = s.output_dir / "metrics.jsonl"
+        if self.rank == 0:
+            _truncate_metrics(metrics_file, self.step)
+        batches = self.reader.batches(self.micro_position % self.reader.micro_batches_per_epoch)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.progress or self.rank != 0 or None)
+        last_loss, tokens_per_s, saved = float("nan"), 0.0, None
+        step_tokens = self.reader.global_batch * (self.reader.width - 1) * s.grad_accum
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                scale = T(np.float32(self.scaler.scale))
+                losses = []
+                for _ in range(s.grad_accum):
+                    ids, labels = next(batches)
+                    losses.append(self.accumulate(T(ids), T(labels), scale))
+                    self.micro_position += 1
+                loss = sum(float(x.asnumpy()) for x in losses) / len(losses)
+                if self.loss_reduce is not None:
+                    loss = float(self.loss_reduce(T(np.float32(loss))).asnumpy())
+                sq = float(self.stats().asnumpy())
+                unscale = 1.0 / (self.scaler.scale * s.grad_accum)
+                grad_norm = math.sqrt(sq) * unscale if math.isfinite(sq) else float("inf")
+                finite = math.isfinite(grad_norm)
+                lr = cosine_with_warmup(self.step, s.learning_rate, s.lr_end, s.warmup_steps, self.total_steps)
+                if finite:
+                    self.adam_step += 1
+                    clip = min(1.0, s.grad_clip / (grad_norm + 1e-6)) if s.grad_clip > 0 else 1.0
+                    bc1 = 1.0 - s.beta1 ** self.adam_step if s.bias_correction else 1.0
+                    bc2 = 1.0 - s.beta2 ** self.adam_step if s.bias_correction else 1.0
+                    self.adamw(T(np.float32(lr)), T(np.float32(unscale * clip)), T(np.float32(bc1)),
+                               T(np.float32(bc2)))
+                else:
+                    self.clear()
+                row = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "loss_scale": self.scaler.scale, "skipped": not finite,
+                       "epoch": self.micro_position // self.reader.micro_batches_per_epoch}
+                self.scaler.update(finite)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                tokens_per_s = step_tokens / dt
+                row |= {"tokens_per_s": round(tokens_per_s, 1), "step_s": round(dt, 4)}
+                last_loss = loss
+                if self.rank == 0:
+                    with metrics_file.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+                if s.save_steps and self.step % s.save_steps == 0 and self.step < self.total_steps:
+                    saved = self.save()
+                for cb in callbacks or []:
+                    cb(row)
+        except KeyboardInterrupt:
+            bar.close()
+            if self.step > 0:
+                saved = self.save()
+                print(f"\ninterrupted: saved {saved}; continue with --resume", file=sys.stderr)
+            raise
+        bar.close()
+        if saved is None or saved.name != f"{CKPT_PREFIX}{self.step}":
+            saved = self.save()
+        return TrainResult(output_dir=s.output_dir, steps=self.step, final_loss=last_loss,
+                           checkpoint=saved / "model.ckpt", metrics_file=metrics_file,
+                           tokens_per_s=round(tokens_per_s, 1))
+
+
+class _LossMean:
+    """Mean of a scalar over data-parallel ranks (for the logged loss)."""
+
+    def __init__(self, world: int) -> None:
+        from mindspore import ops
+
+        self.world = world
+        self.all_reduce = ops.AllReduce()
+
+    def __call__(self, x: object) -> object:
+        return self.all_reduce(x) / self.world
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past `step` (a resumed run re-logs them)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")

@@ -1,0 +1,291 @@
+"""Training against the reference: loss == HF's causal-LM loss, AdamW steps == torch.optim.AdamW, resume ==
+uninterrupted, the reference's run YAML, data parallel over 2 msrun processes == one process, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED, zoo
+
+from registry_spec.errors import InputError
+from registry_spec.specs import TrainSpec
+from wizardcoder_plugin.config import load_config
+from wizardcoder_plugin.optim import LossScaler, cosine_with_warmup
+from wizardcoder_plugin.preprocess import write_mindrecord
+from wizardcoder_plugin.run_config import TrainSettings, resolve_train
+from wizardcoder_plugin.train import Trainer, checkpoints
+
+PAD = 49152
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # HF's config defaults to 0.1
+pytestmark = pytest.mark.slow
+
+
+def make_rows(n: int, width: int, seed: int = 0, prompt: int = 5, pad_tail: bool = True):
+    """Finetune-like rows: -100 on a prompt prefix, a [PAD] tail on every other row."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        ids = rng.integers(1, 49000, size=width).astype(np.int32)
+        labels = ids.copy()
+        labels[:prompt] = -100
+        if pad_tail and i % 2:
+            ids[width - 4:] = PAD
+            labels[width - 4:] = -100
+        rows.append((ids, labels))
+    return rows
+
+
+def mindrecord(path: Path, rows) -> Path:
+    write_mindrecord(path, iter(rows), progress=False)
+    return path
+
+
+def ms_weights(ckpt: Path) -> dict[str, np.ndarray]:
+    import mindspore as ms
+
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(ckpt)).items()}
+
+
+def torch_reference(hf_dir: Path, rows, steps: int, batch: int, lr: float, wd: float, clip: float,
+                    betas=(0.9, 0.999), accum: int = 1, eps: float = 1e-8):
+    """HF model + torch AdamW (no decay on biases/LayerNorm) on the same rows in the same order."""
+    import torch
+    from transformers import GPTBigCodeForCausalLM
+
+    model = GPTBigCodeForCausalLM.from_pretrained(hf_dir, **NO_DROPOUT).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=betas, eps=eps)
+    losses, k = [], 0
+    for _ in range(steps):
+        step_loss = 0.0
+        for _ in range(accum):
+            ids = torch.tensor(np.stack([r[0] for r in rows[k:k + batch]]), dtype=torch.long)
+            labels = torch.tensor(np.stack([r[1] for r in rows[k:k + batch]]), dtype=torch.long)
+            k += batch
+            # whole rows: HF shifts internally, so logits 0..S-1 predict labels 1..S, as ours do
+            out = model(input_ids=ids, attention_mask=(ids != PAD).long(), labels=labels)
+            (out.loss / accum).backward()
+            step_loss += out.loss.item() / accum
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(step_loss)
+    return losses, {n: p.detach().numpy() for n, p in model.state_dict().items()}
+
+
+def train(settings: TrainSettings, hf_dir: Path, callbacks=None):
+    config = load_config(hf_dir / "config.json").model_copy(update=NO_DROPOUT)
+    return Trainer(settings, config, "custom", PAD, progress=False).train(callbacks)
+
+
+def test_loss_equals_hf_causal_lm_loss(hf_tiny, hf_model):
+    import torch
+    from mindspore import Tensor
+
+    from wizardcoder_plugin.optim import CausalLMLoss
+    from wizardcoder_plugin.runtime import build_model
+
+    rows = make_rows(3, 33, seed=3)
+    ids = np.stack([r[0] for r in rows])
+    labels = np.stack([r[1] for r in rows])
+    loss_net = CausalLMLoss(build_model("custom", load_config(hf_tiny), hf_tiny), PAD)
+    ours = float(loss_net(Tensor(ids), Tensor(labels)).asnumpy())
+    t_ids = torch.tensor(ids, dtype=torch.long)
+    with torch.no_grad():
+        ref = hf_model(input_ids=t_ids, attention_mask=(t_ids != PAD).long(),
+                       labels=torch.tensor(labels, dtype=torch.long)).loss.item()
+    assert abs(ours - ref) < 1e-5
+    # a batch with no labelled token gives 0, not NaN
+    none = float(loss_net(Tensor(ids), Tensor(np.full_like(labels, -100))).asnumpy())
+    assert none == 0.0
+
+
+@pytest.mark.parametrize(("steps", "tol"), [(1, 1e-5), (3, 5e-5)])
+def test_adamw_steps_equal_torch(tmp_path, hf_tiny, steps, tol):
+    """With clipping active, 2 accumulated micro-batches per step and decay on matrices only. Over several steps
+    Adam's m/sqrt(v) turns fp32 rounding noise on zero gradients (the key bias's gradient is exactly 0 in exact
+    arithmetic: softmax ignores a per-query constant) into +-lr steps of either sign, so eps = 1e-6 (both sides)
+    keeps such noise below 1e-5; the multi-step tolerance is looser for the same reason."""
+    rows = make_rows(12, 17, seed=1)
+    data = mindrecord(tmp_path / "d.mindrecord", rows)
+    lr, wd, clip = 3e-3, 0.1, 0.5
+    s = TrainSettings(data=data, mode="finetune", output_dir=tmp_path / "out", weights=hf_tiny, max_steps=steps,
+                      batch_size=2, grad_accum=2, learning_rate=lr, lr_end=lr, weight_decay=wd, grad_clip=clip,
+                      beta2=0.95, eps=1e-6)
+    train(s, hf_tiny)
+    ref_losses, ref = torch_reference(hf_tiny, rows, steps, 2, lr, wd, clip, betas=(0.9, 0.95), accum=2, eps=1e-6)
+    metrics = [json.loads(x) for x in (s.output_dir / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([m["loss"] for m in metrics], ref_losses, atol=1e-5)
+    assert metrics[0]["grad_norm"] > clip  # clipping was active
+    ours = ms_weights(s.output_dir / f"checkpoint-{steps}" / "model.ckpt")
+    changed = 0
+    for name, value in ref.items():
+        if name == "lm_head.weight":
+            continue  # tied to transformer.wte.weight
+        assert np.abs(ours[name] - value).max() < tol, name
+        changed += int(np.abs(value - ref_initial(hf_tiny)[name]).max() > 1e-4)
+    assert changed > 10  # the steps really moved the weights
+
+
+_INITIAL: dict = {}
+
+
+def ref_initial(hf_dir: Path) -> dict:
+    if not _INITIAL:
+        from safetensors.numpy import load_file
+
+        _INITIAL.update(load_file(hf_dir / "model.safetensors"))
+    return _INITIAL
+
+
+def test_resume_equals_uninterrupted_and_survives_a_killed_save(tmp_path, hf_tiny):
+    rows = make_rows(10, 17, seed=2)
+    data = mindrecord(tmp_path / "d.mindrecord", rows)
+    common = dict(data=data, mode="finetune", weights=hf_tiny, max_steps=6, batch_size=2, learning_rate=1e-3,
+                  warmup_steps=2, weight_decay=0.01, save_steps=2, keep_checkpoints=2)
+    full = train(TrainSettings(output_dir=tmp_path / "full", **common), hf_tiny)
+    assert full.steps == 6
+    assert [p.name for p in checkpoints(tmp_path / "full")] == ["checkpoint-4", "checkpoint-6"]  # keeps the last 2
+
+    def interrupt(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainSettings(output_dir=tmp_path / "part", **common), hf_tiny, [interrupt])
+    assert [p.name for p in checkpoints(tmp_path / "part")] == ["checkpoint-2", "checkpoint-3"]
+    # a save killed half-way (SIGKILL) leaves only a temporary folder: ignored and cleaned on resume
+    stale = tmp_path / "part" / ".checkpoint-4.abc.tmp"
+    stale.mkdir()
+    (stale / "model.ckpt").write_bytes(b"partial")
+    resumed = train(TrainSettings(output_dir=tmp_path / "part", resume=True, **common), hf_tiny)
+    assert resumed.steps == 6 and not stale.exists()
+    a, b = ms_weights(full.checkpoint), ms_weights(resumed.checkpoint)
+    assert all(np.abs(a[k] - b[k]).max() < 1e-6 for k in a)
+    full_m = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    part_m = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in part_m] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([json.loads(x)["loss"] for x in part_m], [json.loads(x)["loss"] for x in full_m],
+                               atol=1e-6)
+    # resuming with a different batch layout is refused, not silently misaligned
+    with pytest.raises(InputError, match="batch_size was 2"):
+        train(TrainSettings(output_dir=tmp_path / "part", resume=True, **(common | {"batch_size": 1})), hf_tiny)
+
+
+def test_fp16_trains_with_dynamic_loss_scale(tmp_path, hf_tiny):
+    data = mindrecord(tmp_path / "d.mindrecord", make_rows(8, 17, seed=4))
+    s = TrainSettings(data=data, mode="finetune", output_dir=tmp_path / "o", weights=hf_tiny, max_steps=4,
+                      batch_size=2, learning_rate=1e-3, precision="fp16")
+    res = train(s, hf_tiny)
+    metrics = [json.loads(x) for x in (s.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["loss_scale"] == 2048.0
+    assert all(np.isfinite(m["loss"]) for m in metrics) and np.isfinite(res.final_loss)
+    ours = ms_weights(res.checkpoint)
+    assert ours["transformer.h.0.attn.c_attn.weight"].dtype == np.float16
+
+
+def test_loss_scaler_and_schedule_follow_the_reference(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # importing mindformers writes ./output/log
+    sc = LossScaler(scale=2048, factor=2, window=3, dynamic=True)
+    sc.update(False)
+    assert sc.scale == 1024
+    for _ in range(3):
+        sc.update(True)
+    assert sc.scale == 2048
+    from mindformers.core.lr import CosineWithWarmUpLR
+    from mindspore import Tensor
+
+    ref = CosineWithWarmUpLR(learning_rate=2e-5, lr_end=5e-7, warmup_steps=8, total_steps=40)
+    for step in (0, 1, 7, 8, 9, 20, 39, 40, 45):
+        want = float(ref(Tensor(step)).asnumpy())
+        assert abs(cosine_with_warmup(step, 2e-5, 5e-7, 8, 40) - want) < 1e-11, step
+
+
+def test_reference_run_yaml_is_mapped_and_leftovers_reported(tmp_path):
+    yaml_text = (Path(__file__).parent / "fixtures" / "finetune_wizardcoder_tiny.yaml").read_text()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml_text.replace("DATASET_DIR", str(tmp_path / "train.mindrecord")))
+    spec = TrainSpec(model="wizardcoder-tiny", config=cfg, output_dir=tmp_path / "o", learning_rate=1e-4)
+    s, config, notes = resolve_train(spec, "wizardcoder-tiny")
+    assert s.learning_rate == 1e-4  # the flag wins over the YAML's 2e-6
+    assert (s.lr_end, s.warmup_steps, s.batch_size, s.epochs) == (5e-7, 80, 1, 1)
+    assert s.bias_correction is False  # FP32StateAdamWeightDecay
+    assert (s.loss_scale, s.loss_scale_factor, s.loss_scale_window) == (2048, 2, 1000)
+    assert s.data == tmp_path / "train.mindrecord" and s.mode == "finetune"
+    assert (s.parallel.model_parallel, s.parallel.pipeline_stage, s.parallel.micro_batch_num) == (4, 2, 8)
+    assert (s.save_steps, s.keep_checkpoints) == (10000, 2)
+    assert (config.n_embd, config.n_layer, config.n_head, config.n_inner) == (64, 2, 4, 256)
+    joined = "\n".join(notes)
+    for key in ("context", "moe_config", "profile", "metric", "processor", "runner_config.sink_mode",
+                "parallel_config.vocab_emb_dp", "mystery_key: unsupported key"):
+        assert key in joined, key
+
+
+def test_data_parallel_over_two_msrun_processes_equals_one_process(tmp_path, hf_tiny):
+    """Packed (pretrain) rows have equal token counts per rank, so the mean of rank losses is the global loss."""
+    rows = make_rows(8, 17, seed=5, prompt=0, pad_tail=False)
+    data = mindrecord(tmp_path / "d.mindrecord", rows)
+    spec = tmp_path / "dp.json"
+    spec.write_text(json.dumps({"parallel": {"data_parallel": 2}}))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(json.loads((hf_tiny / "config.json").read_text()) | NO_DROPOUT))
+
+    def args(batch: int) -> list[str]:
+        return ["train", "wizardcoder-tiny", "--config", str(config), "--data", str(data),
+                "--mode", "finetune", "--weights", str(hf_tiny), "--max-steps", "3", "--batch-size", str(batch),
+                "--learning-rate", "1e-3", "--weight-decay", "0.1"]
+
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    msrun = shutil.which("msrun", path=env["PATH"])
+    zoo_bin = shutil.which("zoo", path=env["PATH"])
+    r = subprocess.run([msrun, "--worker_num=2", "--local_worker_num=2", "--master_port=8231", "--join=True",
+                        f"--log_dir={tmp_path / 'logs'}", zoo_bin, *args(1), "--output-dir", str(tmp_path / "dp"),
+                        "--spec", str(spec)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (tmp_path / "logs").glob("*.log"))
+    assert r.returncode == 0, logs
+    one = zoo(*args(2), "--output-dir", str(tmp_path / "single"))
+    assert one.returncode == 0, one.stderr
+    dp_m = [json.loads(x) for x in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    one_m = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([m["loss"] for m in dp_m], [m["loss"] for m in one_m], atol=1e-5)
+    a = ms_weights(tmp_path / "dp" / "checkpoint-3" / "model.ckpt")
+    b = ms_weights(tmp_path / "single" / "checkpoint-3" / "model.ckpt")
+    for k in a:  # the key bias has an exactly-zero true gradient: Adam turns its rounding noise into +-lr steps
+        if k.endswith("attn.c_attn.bias"):
+            a[k][64:80] = b[k][64:80] = 0.0
+    diffs = {k: float(np.abs(a[k] - b[k]).max()) for k in a}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_cli_finetune_tiny_on_code_alpaca_lowers_the_loss(tmp_path):
+    rows = json.loads((SHARED / "data" / "code_alpaca_2k.json").read_text())[:400]
+    src = tmp_path / "ca.json"
+    src.write_text(json.dumps(rows))
+    data = tmp_path / "ca.mindrecord"
+    assert zoo("preprocess", "wizardcoder-tiny", "--input", str(src), "--output", str(data), "--seq-length",
+               "128").returncode == 0
+    r = zoo("train", "wizardcoder-tiny", "--data", str(data), "--mode", "finetune", "--output-dir",
+            str(tmp_path / "ft"), "--max-steps", "30", "--batch-size", "8", "--learning-rate", "1e-3",
+            "--warmup-steps", "3", "--save-steps", "10", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    losses = [json.loads(x)["loss"] for x in Path(res["metrics_file"]).read_text().splitlines()]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 2.0, losses
+    # the trained checkpoint folder loads for prediction
+    p = zoo("predict", "wizardcoder-tiny", "--weights", str(Path(res["checkpoint"]).parent), "--prompt",
+            "Write a function.", "--max-new-tokens", "4", "--json")
+    assert p.returncode == 0, p.stderr
+    bad = zoo("train", "wizardcoder-tiny", "--data", str(tmp_path / "nope.mindrecord"), "--output-dir",
+              str(tmp_path / "x"))
+    assert bad.returncode != 0 and "zoo preprocess" in bad.stderr
