@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Create ./.venv (Python 3.11) and install the project with the given extras (default: test).
+# Create ./.venv (Python 3.11) and install the project with the given extras (default: test,export), plus the
+# Python 3.7 MindSpore Lite 2.0.0 environment in ./.venv-lite (LITE=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
-EXTRAS="${1:-test}"
+EXTRAS="${1:-test,export}"
 if [ ! -x .venv/bin/python ] || [ "${FRESH:-0}" = 1 ]; then
-  rm -rf .venv
+  rm -rf .venv .venv-lite
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e ".[${EXTRAS}]" 2> >(grep -v "WARNING: Location" >&2)
+if [ "${LITE:-1}" = 1 ]; then
+  ZOO_LITE_ENV="$(pwd)/.venv-lite" .venv/bin/python -m wizardcoder_plugin.lite_runtime setup \
+    2> >(grep -v "WARNING: Location" >&2) >/dev/null
+  echo "MindSpore Lite 2.0.0 (Python 3.7): $(pwd)/.venv-lite" >&2
+fi
 echo "environment ready: $(pwd)/.venv" >&2

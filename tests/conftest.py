@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 STARCODER2 = SHARED / "tokenizers" / "starcoder2"
 BUNDLED_TOKENIZER = REPO / "src" / "wizardcoder_plugin" / "data" / "tokenizer"
+PKG_DATA = REPO / "src" / "wizardcoder_plugin" / "data"
+CODE_ALPACA_SAMPLE = PKG_DATA / "samples" / "code_alpaca_400.json"  # CI has no ../shared: in-tree copies only
 
 
 def make_hf_checkpoint(path: Path, *, seed: int = 0, vocab: int = 49153, n_embd: int = 64, n_layer: int = 2,

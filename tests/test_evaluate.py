@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, zoo
+from conftest import PKG_DATA, SHARED, zoo
 
 from registry_spec.errors import InputError
 from registry_spec.specs import EvalSpec
@@ -17,6 +17,12 @@ from wizardcoder_plugin.evaluate import load_problems, pass_at_k, postprocess, r
 from wizardcoder_plugin.execution import run_program
 
 
+def rows(name: str) -> list[dict]:
+    with gzip.open(PKG_DATA / "eval" / name, "rt") as f:
+        return [json.loads(x) for x in f]
+
+
+@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared is not on this machine")
 def test_bundled_data_equals_the_shared_files():
     assert [p.row for p in load_problems("mbpp")] == [json.loads(x) for x in
                                                        (SHARED / "data" / "mbpp.test.jsonl").read_text().splitlines()]
@@ -72,8 +78,7 @@ def test_sandbox_contains_accidents(tmp_path):
 
 def test_canonical_solutions_pass_in_both_generation_formats(tmp_path):
     # HumanEval, WizardLM / EvalPlus JSONL: every canonical solution passes
-    with gzip.open(SHARED / "data" / "HumanEval.jsonl.gz", "rt") as f:
-        he = [json.loads(x) for x in f]
+    he = rows("HumanEval.jsonl.gz")
     gens = tmp_path / "he.jsonl"
     gens.write_text("".join(json.dumps({"task_id": r["task_id"], "completion": r["canonical_solution"]}) + "\n"
                             for r in he))
@@ -85,7 +90,7 @@ def test_canonical_solutions_pass_in_both_generation_formats(tmp_path):
                                                                                               164, 1.0)
     assert json.loads((tmp_path / "he" / "summary.json").read_text())["pass@1"] == 1.0
     # MBPP, bigcode harness format (positional over the test split), subset with --limit
-    mbpp = [json.loads(x) for x in (SHARED / "data" / "mbpp.test.jsonl").read_text().splitlines()]
+    mbpp = rows("mbpp.test.jsonl.gz")
     big = tmp_path / "mbpp.json"
     big.write_text(json.dumps([[r["code"]] for r in mbpp[:60]]))
     res = run_eval(EvalSpec(model="m", task="mbpp", load_generations=big), lambda: None, progress=False)
@@ -93,11 +98,11 @@ def test_canonical_solutions_pass_in_both_generation_formats(tmp_path):
 
 
 def test_evalplus_ids_resolve_against_all_974_mbpp_problems(tmp_path):
-    full = {json.loads(x)["task_id"]: json.loads(x) for x in (SHARED / "data" / "mbpp.jsonl").read_text().splitlines()}
-    rows = [{"task_id": "Mbpp/700", "completion": full[700]["code"]}, {"task_id": 700, "completion": "x = 1"},
-            {"task_id": "2", "completion": full[2]["code"]}]
+    full = {r["task_id"]: r for r in rows("mbpp.jsonl.gz")}
+    gen_rows = [{"task_id": "Mbpp/700", "completion": full[700]["code"]}, {"task_id": 700, "completion": "x = 1"},
+                {"task_id": "2", "completion": full[2]["code"]}]
     gens = tmp_path / "g.jsonl"
-    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gens.write_text("".join(json.dumps(r) + "\n" for r in gen_rows))
     res = run_eval(EvalSpec(model="m", task="mbpp", load_generations=gens), lambda: None, progress=False)
     assert res.n_problems == 2 and res.passed == 2
     assert res.pass_at_1 == pytest.approx((0.5 + 1.0) / 2)  # 700: 1 of 2 samples; 2: 1 of 1

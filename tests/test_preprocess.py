@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED, zoo
+from conftest import CODE_ALPACA_SAMPLE, zoo
 
 from registry_spec.errors import InputError
 from registry_spec.specs import PreprocessSpec
@@ -98,7 +98,7 @@ def test_text_is_packed_into_full_blocks(tmp_path, tok):
 
 
 def test_cli_on_code_alpaca_sample_and_clear_errors(tmp_path):
-    rows = json.loads((SHARED / "data" / "code_alpaca_2k.json").read_text())[:40]
+    rows = json.loads(CODE_ALPACA_SAMPLE.read_text())[:40]
     src = tmp_path / "ca.json"
     src.write_text(json.dumps(rows))
     r = zoo("preprocess", "wizardcoder-tiny", "--input", str(src), "--output", str(tmp_path / "ca.mindrecord"),

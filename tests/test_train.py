@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED, zoo
+from conftest import CODE_ALPACA_SAMPLE, zoo
 
 from registry_spec.errors import InputError
 from registry_spec.specs import TrainSpec
@@ -269,7 +269,7 @@ def test_data_parallel_over_two_msrun_processes_equals_one_process(tmp_path, hf_
 
 
 def test_cli_finetune_tiny_on_code_alpaca_lowers_the_loss(tmp_path):
-    rows = json.loads((SHARED / "data" / "code_alpaca_2k.json").read_text())[:400]
+    rows = json.loads(CODE_ALPACA_SAMPLE.read_text())[:400]
     src = tmp_path / "ca.json"
     src.write_text(json.dumps(rows))
     data = tmp_path / "ca.mindrecord"

@@ -11,6 +11,8 @@ from registry_spec.specs import (
     ConvertSpec,
     EvalResult,
     EvalSpec,
+    ExportResult,
+    ExportSpec,
     ModelCard,
     PredictResult,
     PredictSpec,
@@ -87,11 +89,29 @@ class WizardCoderAdapter(BaseAdapter):
     def predict(self, spec: PredictSpec) -> PredictResult:
         from .predict import run_predict
 
-        if spec.backend != "online":
-            raise InputError(f"backend {spec.backend!r} is not available for predict yet",
-                             "use --backend online (exported-graph backends come with `zoo export`)")
-        gen, tok = self.generator(spec)
+        if spec.backend == "online":
+            gen, tok = self.generator(spec)
+            return run_predict(spec, gen, tok)
+        from .export import BACKENDS
+        from .exported import ExportedGenerator
+        from .tokenizer import WizardCoderTokenizer
+
+        if spec.backend not in BACKENDS:
+            raise InputError(f"unknown backend {spec.backend!r}", f"use online or one of {', '.join(BACKENDS)}")
+        if spec.artifacts is None:
+            raise InputError(f"--backend {spec.backend} needs --artifacts DIR", "pass the --output-dir of zoo export")
+        tok = WizardCoderTokenizer.from_pretrained(spec.tokenizer or spec.artifacts)
+        gen = ExportedGenerator(spec.artifacts, spec.backend, tok.eos_token_id, tok.pad_token_id)
         return run_predict(spec, gen, tok)
+
+    def export(self, spec: ExportSpec) -> ExportResult:
+        from .export import run_export
+        from .runtime import build_model, find_weights
+
+        config = self.config(spec.config)
+        tok = self.tokenizer(spec.tokenizer, spec.weights)
+        net = build_model(self.card.name, config, spec.weights, spec.precision)
+        return run_export(spec, net, config, tok, find_weights(self.card.name, spec.weights))
 
     def preprocess(self, spec: PreprocessSpec) -> PreprocessResult:
         from .preprocess import run_preprocess

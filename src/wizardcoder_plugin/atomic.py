@@ -31,6 +31,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yields an empty temporary folder beside `path`; on success it is renamed to `path` (an old one replaced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         yield tmp
         if path.exists():

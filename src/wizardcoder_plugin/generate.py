@@ -144,53 +144,20 @@ class Generator:
         if cfg.use_cache:
             prefill, decode = self._cells_for(batch, max_len)
             logits = prefill(ms.Tensor(ids), ms.Tensor(lengths)).asnumpy()
+
+            def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+                return decode(ms.Tensor(tokens.reshape(batch, 1)), ms.Tensor(positions)).asnumpy()
         else:
             full = np.full((batch, max_len), self.pad, dtype=np.int32)
             full[:, :prompt_len] = ids
             logits = self._full_logits(full, lengths)
-        prefill_ms = (time.perf_counter() - t0) * 1e3
 
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        history = [list(p) for p in prompts] + [[self.pad]] * (batch - n)
-        finish: list[str | None] = [None] * n + ["length"] * (batch - n)
-        positions = lengths.copy()
-        t1 = time.perf_counter()
-        steps, tokens_at_t1 = 0, 0
-        while True:
-            tokens = select_tokens(logits, history, cfg, rng).astype(np.int32)
-            for r in range(n):
-                if finish[r] is not None:
-                    tokens[r] = self.pad
-                    continue
-                tok = int(tokens[r])
-                generated[r].append(tok)
-                history[r].append(tok)
-                if on_token:
-                    on_token(r, tok)
-                if tok == self.eos:
-                    finish[r] = "eos"
-                elif should_stop and should_stop(r, generated[r]):
-                    finish[r] = "stop"
-                elif (len(generated[r]) >= cfg.max_new_tokens or positions[r] + 1 >= max_len
-                      or (cfg.max_length and lengths[r] + len(generated[r]) >= cfg.max_length)):
-                    finish[r] = "length"
-            if all(f is not None for f in finish):
-                break
-            tokens[n:] = self.pad
-            if cfg.use_cache:
-                logits = decode(ms.Tensor(tokens.reshape(batch, 1)), ms.Tensor(positions)).asnumpy()
-            else:
+            def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
                 full[np.arange(batch), positions] = tokens
-                logits = self._full_logits(full, positions + 1)
-            positions = np.minimum(positions + 1, max_len - 1)
-            steps += 1
-            if steps == 1:  # the first decode call may compile its graph: time the steady state only
-                t1, tokens_at_t1 = time.perf_counter(), sum(len(g) for g in generated[:n])
-        decode_s = time.perf_counter() - t1
-        total_new = sum(len(g) for g in generated[:n])
-        rate = (total_new - tokens_at_t1) / decode_s if steps > 1 and decode_s > 0 else 0.0
-        return [GenerationOutput(generated[r], finish[r] or "length", prompt_tokens=int(lengths[r]),
-                                 prefill_ms=prefill_ms, decode_tokens_per_s=rate) for r in range(n)]
+                return self._full_logits(full, positions + 1)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        return decode_loop(prompts, lengths, batch, max_len, logits, step, prefill_ms, cfg, rng, self.eos, self.pad,
+                           on_token, should_stop)
 
     def _full_logits(self, full: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The cache-free path: the whole padded sequence through the network, logits at each row's last token."""
@@ -201,3 +168,50 @@ class Generator:
         if self._last_token is None:
             self._last_token = LastTokenCell(self.model)
         return self._last_token(ms.Tensor(full), ms.Tensor(lengths.astype(np.int32))).asnumpy()
+
+
+def decode_loop(prompts: list[list[int]], lengths: np.ndarray, batch: int, max_len: int, logits: np.ndarray,
+                step: Callable[[np.ndarray, np.ndarray], np.ndarray], prefill_ms: float, cfg: GenerationConfig,
+                rng: np.random.Generator, eos: int, pad: int, on_token: Callable | None = None,
+                should_stop: Callable | None = None) -> list[GenerationOutput]:
+    """The token loop shared by every engine (online graphs, exported MindIR / ONNX / Lite graphs): select a token
+    per row from `logits`, finish rows (EOS, stop string, length), then `step(tokens [B], positions [B])` writes
+    each token at its row's position and returns the next logits."""
+    n = len(prompts)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    history = [list(p) for p in prompts] + [[pad]] * (batch - n)
+    finish: list[str | None] = [None] * n + ["length"] * (batch - n)
+    positions = lengths.copy()
+    t1 = time.perf_counter()
+    steps, tokens_at_t1 = 0, 0
+    while True:
+        tokens = select_tokens(logits, history, cfg, rng).astype(np.int32)
+        for r in range(n):
+            if finish[r] is not None:
+                tokens[r] = pad
+                continue
+            tok = int(tokens[r])
+            generated[r].append(tok)
+            history[r].append(tok)
+            if on_token:
+                on_token(r, tok)
+            if tok == eos:
+                finish[r] = "eos"
+            elif should_stop and should_stop(r, generated[r]):
+                finish[r] = "stop"
+            elif (len(generated[r]) >= cfg.max_new_tokens or positions[r] + 1 >= max_len
+                  or (cfg.max_length and lengths[r] + len(generated[r]) >= cfg.max_length)):
+                finish[r] = "length"
+        if all(f is not None for f in finish):
+            break
+        tokens[n:] = pad
+        logits = step(tokens, positions)
+        positions = np.minimum(positions + 1, max_len - 1)
+        steps += 1
+        if steps == 1:  # the first decode call may compile its graph: time the steady state only
+            t1, tokens_at_t1 = time.perf_counter(), sum(len(g) for g in generated[:n])
+    decode_s = time.perf_counter() - t1
+    total_new = sum(len(g) for g in generated[:n])
+    rate = (total_new - tokens_at_t1) / decode_s if steps > 1 and decode_s > 0 else 0.0
+    return [GenerationOutput(generated[r], finish[r] or "length", prompt_tokens=int(lengths[r]),
+                             prefill_ms=prefill_ms, decode_tokens_per_s=rate) for r in range(n)]

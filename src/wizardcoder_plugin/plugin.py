@@ -13,7 +13,16 @@ from .config import PRESETS
 PLUGIN_NAME = "wizardcoder"
 ADAPTER = "wizardcoder_plugin.adapter:WizardCoderAdapter"
 # capabilities are listed only once they work end to end (tested against the HF reference)
-CAPABILITIES = ["convert", "preprocess", "train", "finetune", "predict", "eval"]
+CAPABILITIES = ["convert", "preprocess", "train", "finetune", "predict", "export", "eval"]
+EXPORTERS = [
+    ExporterInfo(backend="mindir", description="MindIR graphs run by MindSpore (prefill + decode, or one full graph)"),
+    ExporterInfo(backend="onnx", description="ONNX graphs run by onnxruntime",
+                 requires="pip install 'wizardcoder-plugin[export]'"),
+    ExporterInfo(backend="lite", description="MindSpore Lite (2.0.0 via a Python 3.7 worker, or an in-process "
+                 "mindspore_lite with the Ascend config)",
+                 requires="pip install 'wizardcoder-plugin[export]' && "
+                          "python -m wizardcoder_plugin.lite_runtime setup"),
+]
 
 _DESCRIPTIONS = {
     "wizardcoder-15b": "WizardCoder-15B-V1.0: StarCoder-15B instruction-tuned with Evol-Instruct",
@@ -56,4 +65,5 @@ def zoo_register_models(register: Callable[[ModelCard], None]) -> None:
 
 @hookimpl
 def zoo_register_exporters(register: Callable[[ExporterInfo], None]) -> None:
-    del register  # export backends are registered once the export capability works
+    for info in EXPORTERS:
+        register(info)
