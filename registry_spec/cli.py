@@ -218,6 +218,14 @@ def _print_human(command: str, payload: dict[str, Any]) -> None:
         for c in payload["completions"]:
             print(c["text"])
         return
+    rows = payload.get("rows")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):  # a table (bench)
+        cols = [k for k, v in rows[0].items() if not isinstance(v, dict | list)]
+        widths = [max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols]
+        print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+        for r in rows:
+            print("  ".join(str(r.get(c)).ljust(w) for c, w in zip(cols, widths, strict=True)))
+        return
     for k, v in payload.items():
         print(f"{k:20} {v}", file=sys.stdout)
 

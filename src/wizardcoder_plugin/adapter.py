@@ -7,6 +7,8 @@ from pathlib import Path
 from registry_spec.adapter import BaseAdapter
 from registry_spec.errors import InputError, WeightsUnavailableError
 from registry_spec.specs import (
+    BenchResult,
+    BenchSpec,
     ConvertResult,
     ConvertSpec,
     EvalResult,
@@ -138,6 +140,18 @@ class WizardCoderAdapter(BaseAdapter):
                                               tokenizer=spec.tokenizer, batch_size=spec.batch_size * spec.n_samples))
 
         return run_eval(spec, generator_for)
+
+    def bench(self, spec: BenchSpec) -> BenchResult:
+        import sys
+
+        from .bench import run_bench
+        from .runtime import build_model, find_weights
+
+        config = self.config(spec.config)
+        tok = self.tokenizer(None, spec.weights)
+        net = build_model(self.card.name, config, spec.weights)
+        return run_bench(spec, self.card.name, config, net, tok, find_weights(self.card.name, spec.weights),
+                         lambda line: print(line, file=sys.stderr))
 
     def conformance_fixture(self, workdir: Path) -> dict[str, Path]:
         """Tiny local assets for the conformance smoke tier: a seeded random checkpoint in HF layout, the bundled

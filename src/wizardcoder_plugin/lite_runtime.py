@@ -42,14 +42,14 @@ def lite_python() -> Path:
 
 
 def find_python37() -> str:
-    for name in ("python3.7",):
-        found = shutil.which(name)
-        if found:
-            return found
+    """A working Python 3.7: pyenv's installs first (its PATH shims may exist without being active), then PATH."""
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    for v in sorted(pyenv.glob("3.7*"), reverse=True):
-        if (v / "bin" / "python").is_file():
-            return str(v / "bin" / "python")
+    candidates = [str(v / "bin" / "python") for v in sorted(pyenv.glob("3.7*"), reverse=True)]
+    candidates += [c for c in (shutil.which("python3.7"),) if c]
+    for c in candidates:
+        ok = subprocess.run([c, "-c", "import sys; assert sys.version_info[:2] == (3, 7)"], capture_output=True)
+        if ok.returncode == 0:
+            return c
     raise BackendUnavailableError("lite", "mindspore-lite 2.0.0 needs Python 3.7 and none was found",
                                   "install Python 3.7 (e.g. `pyenv install 3.7`) and rerun the setup")
 

@@ -13,7 +13,7 @@ from .config import PRESETS
 PLUGIN_NAME = "wizardcoder"
 ADAPTER = "wizardcoder_plugin.adapter:WizardCoderAdapter"
 # capabilities are listed only once they work end to end (tested against the HF reference)
-CAPABILITIES = ["convert", "preprocess", "train", "finetune", "predict", "export", "eval"]
+CAPABILITIES = ["convert", "preprocess", "train", "finetune", "predict", "export", "eval", "bench"]
 EXPORTERS = [
     ExporterInfo(backend="mindir", description="MindIR graphs run by MindSpore (prefill + decode, or one full graph)"),
     ExporterInfo(backend="onnx", description="ONNX graphs run by onnxruntime",

@@ -1,0 +1,44 @@
+"""Shared helpers: the machine description and appending a dated section to RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def speedups(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        x = r.get("extra", {})
+        if "decode_speedup_vs_hf" in x:
+            lines.append(f"- {r['backend']} b{r['batch_size']} len{r['total_length']}: decode "
+                         f"{x['decode_speedup_vs_hf']}x HF, prefill {x['prefill_speedup_vs_hf']}x HF, tokens equal "
+                         f"to HF: {x['tokens_equal_hf']}")
+        elif "step_speedup_vs_hf" in x:
+            lines.append(f"- {r['backend']}: training {x['step_speedup_vs_hf']}x HF + torch AdamW")
+    return "\n".join(lines)
+
+
+def append_results(title: str, command: str, where: str, table: str, rows: list[dict]) -> None:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = (f"\n## {title} ({stamp})\n\n- command: `{command}`\n- machine: {where}\n\n{table}\n"
+            f"{speedups(rows)}\n")
+    with RESULTS.open("a", encoding="utf-8") as f:
+        f.write(text)
+    print(text)

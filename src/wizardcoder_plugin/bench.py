@@ -1,0 +1,230 @@
+"""`zoo bench`: the reference's inference table (tokens/s over batch size x total length) for the online model and
+exported backends, optionally side by side with HF transformers on the same weights, prompts and machine.
+
+Per grid point and engine: a warm-up run (compile time reported separately), then `repeats` timed runs, engines
+interleaved, medians reported. Generation is greedy with EOS disabled, so every row generates exactly
+total_length - prompt_length tokens: the reference's counting and the honest count (no tokens after EOS) agree;
+`tokens_per_s_e2e_with_tokenizer` adds encoding the prompts and decoding the outputs.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from registry_spec.errors import BackendUnavailableError, InputError
+from registry_spec.specs import BenchResult, BenchRow, BenchSpec, ExportSpec
+
+from .atomic import write_json, write_text
+
+NO_EOS = -1
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompts_for(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, min(vocab, 49152) - 1, size=length).tolist() for _ in range(batch)]
+
+
+class _Ours:
+    """Online graphs or an exported folder, through the shared decoding loop."""
+
+    def __init__(self, gen: object, tok: object) -> None:
+        self.gen, self.tok = gen, tok
+
+    def run(self, prompts: list[list[int]], new: int) -> dict:
+        from .generate import GenerationConfig
+
+        self.gen.max_batch = len(prompts)  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        outs = self.gen.generate(prompts, GenerationConfig(max_new_tokens=new))  # type: ignore[attr-defined]
+        total = time.perf_counter() - t0
+        return {"total_s": total, "prefill_ms": outs[0].prefill_ms, "decode_tokens_per_s": outs[0].decode_tokens_per_s,
+                "generated": sum(len(o.token_ids) for o in outs), "outputs": [o.token_ids for o in outs]}
+
+
+class _HF:
+    """transformers' GPTBigCodeForCausalLM (PyTorch eager), the reference engine."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        try:
+            import torch
+            from transformers import GPTBigCodeForCausalLM
+        except ImportError:
+            raise BackendUnavailableError("hf-transformers", "torch / transformers are not installed",
+                                          "pip install 'wizardcoder-plugin[test]'") from None
+        self.torch = torch
+        self.model = GPTBigCodeForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+
+    def run(self, prompts: list[list[int]], new: int) -> dict:
+        torch = self.torch
+        ids = torch.tensor(prompts, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            self.model(input_ids=ids, attention_mask=mask, use_cache=True)
+            prefill = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+            total = time.perf_counter() - t1
+        generated = out.shape[0] * new
+        decode_s = max(total - prefill, 1e-9)
+        return {"total_s": total, "prefill_ms": prefill * 1e3,
+                "decode_tokens_per_s": out.shape[0] * (new - 1) / decode_s if new > 1 else 0.0,
+                "generated": generated, "outputs": out[:, ids.shape[1]:].tolist()}
+
+
+def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_s: float, tok: object,
+                prompt_len: int) -> BenchRow:
+    total = statistics.median(r["total_s"] for r in runs)
+    generated = runs[0]["generated"]
+    t0 = time.perf_counter()
+    tok.encode_batch(["x " * prompt_len] * batch)  # type: ignore[attr-defined]
+    for ids in runs[0]["outputs"]:
+        tok.decode(ids)  # type: ignore[attr-defined]
+    tok_s = time.perf_counter() - t0
+    return BenchRow(
+        backend=backend, batch_size=batch, total_length=length,
+        decode_tokens_per_s=round(statistics.median(r["decode_tokens_per_s"] for r in runs), 2),
+        prefill_ms=round(statistics.median(r["prefill_ms"] for r in runs), 2),
+        extra={"prompt_length": prompt_len, "generated_tokens": generated,
+               "tokens_per_s_e2e": round(generated / total, 2),
+               "tokens_per_s_e2e_with_tokenizer": round(generated / (total + tok_s), 2),
+               "tokens_per_s_reference_count": round(batch * (length - prompt_len) / total, 2),
+               "prefill_tokens_per_s": round(batch * prompt_len / (statistics.median(
+                   r["prefill_ms"] for r in runs) / 1e3), 1),
+               "warmup_s": round(warmup_s, 3), "repeats": len(runs), "peak_rss_mb_process": round(_peak_rss_mb())})
+
+
+def markdown(rows: list[BenchRow]) -> str:
+    head = ("| backend | batch | total len | decode tok/s | prefill ms | e2e tok/s | e2e+tokenizer tok/s | "
+            "warm-up s |\n|---|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {r.backend} | {r.batch_size} | {r.total_length} | {r.decode_tokens_per_s} | {r.prefill_ms} | "
+                   f"{r.extra['tokens_per_s_e2e']} | {r.extra['tokens_per_s_e2e_with_tokenizer']} | "
+                   f"{r.extra['warmup_s']} |\n" for r in rows)
+    return head + body
+
+
+def plot(rows: list[BenchRow], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for backend in sorted({r.backend for r in rows}):
+        for batch in sorted({r.batch_size for r in rows}):
+            pts = sorted((r.total_length, r.decode_tokens_per_s) for r in rows
+                         if r.backend == backend and r.batch_size == batch)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{backend} b{batch}")
+    ax.set_xlabel("total length (tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def run_bench(spec: BenchSpec, model_name: str, config: object, net: object, tok: object, source: Path | None,
+              log: Callable[[str], None]) -> BenchResult:
+    from .export import run_export
+    from .exported import ExportedGenerator
+    from .generate import Generator
+
+    lengths = sorted(spec.lengths)
+    if any(length <= spec.prompt_length for length in lengths):
+        raise InputError(f"every --lengths value must exceed --prompt-length {spec.prompt_length}",
+                         "e.g. --prompt-length 32 --lengths 64,128,256")
+    if lengths[-1] > config.n_positions:  # type: ignore[attr-defined]
+        raise InputError(f"length {lengths[-1]} exceeds the model's {config.n_positions} positions",  # type: ignore
+                         "lower --lengths")
+    unknown = [c for c in spec.compare if c != "hf"]
+    if unknown:
+        raise InputError(f"unknown --compare engine(s) {unknown}", "use --compare hf")
+    work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))
+    engines: dict[str, Callable[[int], object]] = {}
+    for backend in spec.backends:
+        if backend == "online":
+            engines["online"] = lambda b: _Ours(Generator(net, NO_EOS, tok.pad_token_id, max_batch=b), tok)  # type: ignore
+        elif backend in ("mindir", "onnx", "lite"):
+            def make(b: int, backend: str = backend) -> _Ours:
+                out = work / f"{backend}-b{b}"
+                if not out.exists():
+                    run_export(ExportSpec(model=model_name, backend=backend, output_dir=out, batch_size=b,
+                                          seq_length=lengths[-1]), net, config, tok, source)
+                return _Ours(ExportedGenerator(out, backend, NO_EOS, tok.pad_token_id), tok)  # type: ignore
+            engines[backend] = make
+        else:
+            raise InputError(f"unknown bench backend {backend!r}", "use online, mindir, onnx or lite")
+    if "hf" in spec.compare:
+        hf_dir = source if source is not None and Path(source).is_dir() and (Path(source) / "config.json").is_file() \
+            else _hf_copy(net, config, work)
+        hf = _HF(hf_dir)
+        engines["hf-transformers"] = lambda b: hf
+    rows: list[BenchRow] = []
+    for batch in spec.batch_sizes:
+        built = {name: make_engine(batch) for name, make_engine in engines.items()}
+        for length in lengths:
+            prompts = prompts_for(batch, spec.prompt_length, config.vocab_size)  # type: ignore[attr-defined]
+            new = length - spec.prompt_length
+            warm: dict[str, float] = {}
+            for name, eng in built.items():
+                t0 = time.perf_counter()
+                eng.run(prompts, new)  # type: ignore[attr-defined]
+                warm[name] = time.perf_counter() - t0
+            runs: dict[str, list[dict]] = {name: [] for name in built}
+            for _ in range(spec.repeats):
+                for name, eng in built.items():  # interleaved: drift hits every engine alike
+                    runs[name].append(eng.run(prompts, new))  # type: ignore[attr-defined]
+            for name in built:
+                row = _median_row(name, batch, length, runs[name], warm[name], tok, spec.prompt_length)
+                rows.append(row)
+                log(f"{name:16} b={batch:<3} len={length:<5} decode {row.decode_tokens_per_s:>8} tok/s  "
+                    f"prefill {row.prefill_ms:>8} ms")
+            if "hf-transformers" in runs:
+                ours = [n for n in runs if n != "hf-transformers"]
+                same = {n: runs[n][0]["outputs"] == runs["hf-transformers"][0]["outputs"] for n in ours}
+                for r in rows[-len(built):]:
+                    if r.backend in same:
+                        ref = next(x for x in rows[-len(built):] if x.backend == "hf-transformers")
+                        r.extra["decode_speedup_vs_hf"] = round(r.decode_tokens_per_s / max(ref.decode_tokens_per_s,
+                                                                                           1e-9), 3)
+                        r.extra["prefill_speedup_vs_hf"] = round(ref.prefill_ms / max(r.prefill_ms, 1e-9), 3)
+                        r.extra["tokens_equal_hf"] = same[r.backend]
+    result = BenchResult(rows=rows)
+    if spec.output_dir is not None:
+        write_json(spec.output_dir / "bench.json", result.model_dump(mode="json"))
+        write_text(spec.output_dir / "bench.md", markdown(rows))
+        plot(rows, spec.output_dir / "bench.png")
+    return result
+
+
+def _hf_copy(net: object, config: object, work: Path) -> Path:
+    """The model's current weights as an HF checkpoint folder, for the reference engine."""
+    import mindspore as ms
+
+    from .weights import convert
+
+    ckpt = work / "weights.ckpt"
+    ms.save_checkpoint(net, str(ckpt))
+    convert(ckpt, work / "hf", config, to="hf", progress=False)  # type: ignore[arg-type]
+    return work / "hf"
+
