@@ -96,8 +96,9 @@ def test_spec_file_and_flags_win(tmp_path):
     assert r.returncode == 2 and "bogus_field" in r.stderr
 
 
-def test_unclaimed_capability_is_refused():
-    r = zoo("bench", "wizardcoder-tiny")
+def test_unclaimed_capability_is_refused(tmp_path):
+    site = fake_plugin(tmp_path / "site", "toy", GOOD.format(name="toy", req=">=1.0,<2", model="toy-model"))
+    r = run(site, "bench", "toy-model")  # its card claims no capability
     assert r.returncode == 2 and "does not support 'bench'" in r.stderr
 
 

@@ -54,9 +54,11 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
                 seed: int = 0, allow_random: bool = False) -> object:
     """A GPTBigCodeForCausalLM with its weights loaded (or seeded random init for the tiny model)."""
     ms = init_mindspore()
+    from .mindformers_compat import register_if_loaded
     from .modeling import GPTBigCodeForCausalLM
     from .weights import load_into
 
+    register_if_loaded()
     if precision == "bf16" and ms.get_context("device_target") == "CPU":
         raise InputError("bf16 compute is not supported by MindSpore's CPU kernels",
                          "use --precision fp32 or fp16 on CPU (bf16 runs on Ascend)")
