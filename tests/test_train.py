@@ -182,6 +182,42 @@ def test_resume_equals_uninterrupted_and_survives_a_killed_save(tmp_path, hf_tin
         train(TrainSettings(output_dir=tmp_path / "part", resume=True, **(common | {"batch_size": 1})), hf_tiny)
 
 
+def test_recompute_gives_the_same_steps(tmp_path, hf_tiny):
+    from registry_spec.specs import ParallelSpec
+
+    data = mindrecord(tmp_path / "d.mindrecord", make_rows(4, 17, seed=6))
+    losses = []
+    for recompute in (False, True):
+        s = TrainSettings(data=data, mode="finetune", output_dir=tmp_path / f"r{recompute}", weights=hf_tiny,
+                          max_steps=2, batch_size=2, learning_rate=1e-3, parallel=ParallelSpec(recompute=recompute))
+        train(s, hf_tiny)
+        losses.append([json.loads(x)["loss"] for x in (s.output_dir / "metrics.jsonl").read_text().splitlines()])
+    np.testing.assert_allclose(losses[0], losses[1], atol=1e-6)
+
+
+def test_sigkill_during_training_leaves_a_resumable_checkpoint(tmp_path, hf_tiny):
+    import signal
+    import time
+
+    data = mindrecord(tmp_path / "d.mindrecord", make_rows(64, 17, seed=7))
+    args = ["train", "wizardcoder-tiny", "--config", str(hf_tiny / "config.json"), "--weights", str(hf_tiny),
+            "--data", str(data), "--output-dir", str(tmp_path / "run"), "--max-steps", "30", "--batch-size", "2",
+            "--save-steps", "1", "--keep-checkpoints", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "registry_spec.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not len(checkpoints(tmp_path / "run")) >= 2 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in the middle of later steps and saves
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoints(tmp_path / "run"), "no checkpoint before the kill"
+    r = zoo(*args, "--resume", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == 30
+    assert not list((tmp_path / "run").glob(".checkpoint-*"))  # the torn save was cleaned up
+
+
 def test_fp16_trains_with_dynamic_loss_scale(tmp_path, hf_tiny):
     data = mindrecord(tmp_path / "d.mindrecord", make_rows(8, 17, seed=4))
     s = TrainSettings(data=data, mode="finetune", output_dir=tmp_path / "o", weights=hf_tiny, max_steps=4,

@@ -146,6 +146,9 @@ class Trainer:
         self.model = build_model(model_name, config, settings.weights, settings.precision, seed=settings.seed,
                                  allow_random=settings.mode == "pretrain")
         self.model.set_train(True)
+        if settings.parallel.recompute:  # activation checkpointing per block: memory for compute, same numbers
+            for block in self.model.transformer.h:
+                block.recompute()
         self.params = ParameterTuple(self.model.trainable_params())
         self.accum = fp32_zeros(self.params, "accum")
         reducer = nn.DistributedGradReducer(self.accum, mean=True, degree=self.world) if self.world > 1 else None
