@@ -76,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_dir = str(Path(tr["checkpoint"]).parent)
     summary["checkpoint"] = ckpt_dir
 
-    # 3. predict with the finetuned weights, streaming
+    # 3. predict with the finetuned weights: sampled and streamed (a greedy tiny model repeats one token), then
+    #    greedy as JSON, the reference output for the exported graphs
     timed("predict", "predict", "wizardcoder-tiny", "--weights", ckpt_dir, "--prompt", PROMPT, "--max-new-tokens",
-          "32", "--stream", capture=False)
+          "48", "--do-sample", "--temperature", "0.8", "--top-p", "0.95", "--repetition-penalty", "1.3", "--seed",
+          "0", "--stream", capture=False)
     r = _zoo("predict", "wizardcoder-tiny", "--weights", ckpt_dir, "--prompt", PROMPT, "--max-new-tokens", "32",
              "--json", "--output", str(out / "predictions.jsonl"))
     online = json.loads(r.stdout.splitlines()[0])
