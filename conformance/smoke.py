@@ -6,7 +6,7 @@ import json
 import math
 
 from registry_spec.errors import BackendUnavailableError
-from registry_spec.specs import ConvertSpec, ExportSpec, PredictSpec, PreprocessSpec, TrainSpec
+from registry_spec.specs import ConvertSpec, EvalSpec, ExportSpec, PredictSpec, PreprocessSpec, TrainSpec
 
 from .checks import CheckFailed, CheckSkipped, Context, check, no_network
 
@@ -121,3 +121,15 @@ def export(ctx: Context) -> None:
             raise CheckFailed(f"{backend} tokens equal to online", f"{got} vs {online}")
     if len(missing) == len(backends):
         raise CheckSkipped("no export runtime available: " + "; ".join(missing))
+
+
+@check("smoke.eval", "smoke", "eval")
+def evaluate(ctx: Context) -> None:
+    """Evaluating one HumanEval problem with the fixture's weights returns a consistent summary."""
+    entry = ctx.smallest("eval")
+    fx = ctx.fixture(entry)
+    res = ctx.adapter(entry).evaluate(EvalSpec(
+        model=entry.card.name, task="humaneval", weights=fx.get("weights"), config=fx.get("config"),
+        tokenizer=fx.get("tokenizer"), limit=1, max_length=320, output_dir=ctx.workdir / "eval"))
+    if res.n_problems != 1 or not 0 <= res.pass_at_1 <= 1 or res.passed not in (0, 1):
+        raise CheckFailed("1 problem, 0 <= pass@1 <= 1", str(res))

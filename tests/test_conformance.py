@@ -25,8 +25,9 @@ def test_wizardcoder_passes(tier):
     assert all(c["reason"] for c in checks.values() if c["status"] == "skipped")
     assert checks["static.import_hygiene"]["status"] == "passed"
     if tier == "smoke":
-        assert checks["smoke.predict_deterministic"]["status"] == "passed"
-        assert checks["smoke.convert_round_trip"]["status"] == "passed"
+        for check_id in ("predict_deterministic", "convert_round_trip", "tokenizer_round_trip", "preprocess", "train",
+                         "export", "eval"):  # every capability the cards claim
+            assert checks[f"smoke.{check_id}"]["status"] == "passed", checks[f"smoke.{check_id}"]
 
 
 BROKEN = {

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import BUNDLED_TOKENIZER, zoo
 
@@ -134,3 +135,27 @@ def test_cli_export_and_predict(tmp_path):
     assert "export" in json.loads(zoo("show", "wizardcoder-tiny", "--json").stdout)["capabilities"]
     shutil.rmtree(out)
 
+
+
+def test_fp16_export_matches_fp16_online(tmp_path, hf_tiny):
+    """fp16 graphs: logits within fp16 rounding of the online fp16 model (greedy can flip on near-ties, e.g. a
+    top-2 gap of 0.008 against a 0.005 rounding difference, so tokens are not compared)."""
+    import mindspore as ms
+
+    from wizardcoder_plugin.modeling import KVCache, PrefillCell
+
+    config = load_config(hf_tiny / "config.json").model_copy(update={"seq_length": 64})
+    net = build_model("custom", config, hf_tiny, precision="fp16")
+    tok = WizardCoderTokenizer.from_pretrained(BUNDLED_TOKENIZER)
+    out = tmp_path / "fp16"
+    run_export(ExportSpec(model="wizardcoder-tiny", backend="onnx", output_dir=out, batch_size=2, seq_length=64,
+                          precision="fp16"), net, config, tok, hf_tiny)
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "fp16"
+    ids = np.full((2, 64), PAD, np.int32)
+    for i, p in enumerate(PROMPTS):
+        ids[i, : len(p)] = p
+    lengths = np.array([len(p) for p in PROMPTS], np.int32)
+    exported, _ = ExportedGenerator(out, "onnx", 0, PAD).runtime.graphs["prefill"](ids, lengths)
+    online = PrefillCell(net, KVCache(config, 2, 64, ms.float16, "fp16test"))(ms.Tensor(ids[:, :16]),
+                                                                              ms.Tensor(lengths)).asnumpy()
+    assert np.abs(exported - online).max() < 2e-2

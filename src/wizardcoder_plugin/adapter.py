@@ -102,6 +102,9 @@ class WizardCoderAdapter(BaseAdapter):
             raise InputError(f"unknown backend {spec.backend!r}", f"use online or one of {', '.join(BACKENDS)}")
         if spec.artifacts is None:
             raise InputError(f"--backend {spec.backend} needs --artifacts DIR", "pass the --output-dir of zoo export")
+        if not (spec.artifacts / "manifest.json").is_file():
+            raise InputError(f"{spec.artifacts} is not an exported folder (no manifest.json)",
+                             f"create one with `zoo export {spec.model} --backend {spec.backend} --output-dir DIR`")
         tok = WizardCoderTokenizer.from_pretrained(spec.tokenizer or spec.artifacts)
         gen = ExportedGenerator(spec.artifacts, spec.backend, tok.eos_token_id, tok.pad_token_id)
         return run_predict(spec, gen, tok)
