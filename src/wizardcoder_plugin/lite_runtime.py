@@ -51,7 +51,7 @@ def find_python37() -> str:
         if ok.returncode == 0:
             return c
     raise BackendUnavailableError("lite", "mindspore-lite 2.0.0 needs Python 3.7 and none was found",
-                                  "install Python 3.7 (e.g. `pyenv install 3.7`) and rerun the setup")
+                                  "`pyenv install 3.7`, then `python -m wizardcoder_plugin.lite_runtime setup`")
 
 
 def setup(env: Path | None = None) -> Path:
@@ -140,7 +140,9 @@ class LiteWorker:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["setup"]:
-        print(setup())
-    else:
+    if sys.argv[1:] != ["setup"]:
         sys.exit("usage: python -m wizardcoder_plugin.lite_runtime setup")
+    try:
+        print(setup())
+    except (BackendUnavailableError, subprocess.CalledProcessError) as exc:
+        sys.exit(f"error: {exc}")
