@@ -125,18 +125,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
-def read_generations(path: Path) -> dict[str, list[str]]:
-    """task_id -> completions from our generations.jsonl; a torn last line (killed run) is ignored."""
-    out: dict[str, list[str]] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        out[row["task_id"]] = row["completions"]
-    return out
+def read_generations(path: Path) -> list[dict]:
+    """The complete rows of our generations.jsonl; a torn last line (killed run) is dropped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def load_external_generations(task: str, path: Path, split: list[Problem]) -> dict[str, list[str]]:
@@ -229,10 +227,9 @@ def merge(task: str, dirs: list[Path]) -> EvalResult:
     return summarize(task, ordered, None)
 
 
-def generation_stream(problems: list[Problem], task: str, done: dict[str, list[str]], generate: object,
+def generation_stream(todo: list[Problem], task: str, generate: object,
                       batch: int) -> Iterator[tuple[Problem, list[str]]]:
-    """(problem, raw completions) for the problems not in `done`, a batch of problems at a time."""
-    todo = [p for p in problems if p.task_id not in done]
+    """(problem, raw completions), a batch of problems at a time."""
     for start in range(0, len(todo), batch):
         chunk = todo[start: start + batch]
         texts = generate([p.prompt(task) for p in chunk])  # type: ignore[operator]
@@ -280,7 +277,6 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
     """The whole command. `generator_for()` returns (Generator, tokenizer); it is called only when generating."""
     from tqdm import tqdm
 
-    from .atomic import write_jsonl as rewrite
     from .generate import GenerationConfig
 
     check_spec(spec)
@@ -308,10 +304,9 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
     out.mkdir(parents=True, exist_ok=True)
     eval_progress_json(out, spec)
     gen_file = out / "generations.jsonl"
-    done = read_generations(gen_file)
-    rows = [json.loads(x) for x in gen_file.read_text(encoding="utf-8").splitlines() if _complete(x)] \
-        if gen_file.is_file() else []
-    rewrite(gen_file, rows)  # drop a torn last line before appending
+    rows = read_generations(gen_file)
+    write_jsonl(gen_file, rows)  # drop a torn last line before appending
+    done = {row["task_id"]: row["completions"] for row in rows}
     todo = [p for p in problems if p.task_id not in done]
     if todo:
         gen, tok = generator_for()  # type: ignore[operator]
@@ -335,7 +330,7 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
         bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"generate {spec.task}",
                    unit="problem", disable=not progress or None)
         with gen_file.open("a", encoding="utf-8") as f:
-            for problem, raw in generation_stream(todo, spec.task, done, generate, max(1, spec.batch_size)):
+            for problem, raw in generation_stream(todo, spec.task, generate, max(1, spec.batch_size)):
                 row = {"task_id": problem.task_id, "prompt": problem.prompt(spec.task), "raw": raw,
                        "completions": [postprocess(r) for r in raw]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -347,10 +342,3 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
     results = score(spec.task, {p.task_id: p for p in problems}, completions, spec.timeout, spec.workers, progress)
     return finish(spec.task, results, out, {"model": spec.model, "shard": spec.shard})
 
-
-def _complete(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False

@@ -7,53 +7,32 @@ or reported as ignored (with why), never silently dropped.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
 
 from registry_spec.errors import InputError
-from registry_spec.specs import ParallelSpec, Precision, TrainSpec
+from registry_spec.specs import ParallelSpec, TrainSpec
 
 from .config import GPTBigCodeConfig, from_mindformers_dict, load_config, resolve_config
 
 
-class TrainSettings(BaseModel):
-    """Everything a training run needs, resolved. Stored in every checkpoint's state.json."""
+class TrainSettings(TrainSpec):
+    """Everything a training run needs, resolved: the spec's fields (required where the run needs a value) plus
+    the optimizer and loss-scale settings only the run YAML sets. Stored in every checkpoint's state.json."""
 
-    model_config = ConfigDict(extra="forbid")
-
+    model: str = "custom"
     data: Path
-    mode: Literal["pretrain", "finetune"]
-    output_dir: Path
-    weights: Path | None = None
-    max_steps: PositiveInt | None = None
     epochs: PositiveInt = 1
-    batch_size: PositiveInt = 8
-    seq_length: PositiveInt | None = None
-    learning_rate: float = Field(2e-5, gt=0)
-    lr_end: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
     bias_correction: bool = Field(True, description="torch AdamW; False = mindspore AdamWeightDecay")
-    grad_clip: float = Field(1.0, ge=0)
-    grad_accum: PositiveInt = 1
-    precision: Precision = "fp32"
     loss_scale: float = Field(2048.0, gt=0, description="initial dynamic loss scale (fp16 only)")
     loss_scale_factor: float = Field(2.0, gt=1)
     loss_scale_window: PositiveInt = 1000
-    save_steps: PositiveInt | None = None
-    keep_checkpoints: PositiveInt = 3
-    resume: bool = False
-    seed: int = 0
-    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
 
 
-_SPEC_FIELDS = ("data", "mode", "output_dir", "weights", "max_steps", "epochs", "batch_size", "seq_length",
-                "learning_rate", "lr_end", "warmup_steps", "weight_decay", "grad_clip", "grad_accum", "precision",
-                "save_steps", "keep_checkpoints", "resume", "seed", "parallel")
 _OPTIMIZERS = {"adamw": True, "fp32stateadamweightdecay": False, "adamweightdecay": False}
 _IGNORED_SECTIONS = {
     "context": "device settings come from the environment", "aicc": "cloud platform", "remote_save_url": "cloud",
@@ -79,20 +58,19 @@ def _get(doc: dict, *path: str) -> Any:
     return doc
 
 
-def is_run_yaml(path: Path | None) -> bool:
+def run_yaml(path: Path | None) -> dict | None:
+    """The parsed document when `path` is a mindformers run YAML (not a bare model config), else None."""
     if path is None or path.suffix.lower() not in {".yaml", ".yml"} or not path.is_file():
-        return False
+        return None
     import yaml
 
     doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return isinstance(doc, dict) and any(k in doc for k in ("runner_config", "optimizer", "lr_schedule", "trainer"))
+    is_run = isinstance(doc, dict) and any(k in doc for k in ("runner_config", "optimizer", "lr_schedule", "trainer"))
+    return doc if is_run else None
 
 
-def from_run_yaml(path: Path) -> tuple[dict[str, Any], list[str]]:
+def from_run_yaml(doc: dict, path: Path) -> tuple[dict[str, Any], list[str]]:
     """(settings taken from the reference's run YAML, notes on keys not applied)."""
-    import yaml
-
-    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     out: dict[str, Any] = {}
     notes: list[str] = []
 
@@ -172,21 +150,18 @@ def resolve_train(spec: TrainSpec, model: str) -> tuple[TrainSettings, GPTBigCod
     yaml_values: dict[str, Any] = {}
     notes: list[str] = []
     config = resolve_config(model, None)
-    if spec.config is not None and is_run_yaml(spec.config):
-        import yaml
-
-        yaml_values, notes = from_run_yaml(spec.config)
-        mc = _get(yaml.safe_load(spec.config.read_text(encoding="utf-8")), "model", "model_config")
+    doc = run_yaml(spec.config)
+    if doc is not None:
+        yaml_values, notes = from_run_yaml(doc, spec.config)  # type: ignore[arg-type]
+        mc = _get(doc, "model", "model_config")
         if mc is not None:
             config = from_mindformers_dict(mc, str(spec.config))
     elif spec.config is not None:
         config = load_config(spec.config)
-    explicit = {k: getattr(spec, k) for k in _SPEC_FIELDS if k in spec.model_fields_set}
-    merged = {k: getattr(spec, k) for k in _SPEC_FIELDS if getattr(spec, k) is not None} | yaml_values | explicit
+    # flags given on the command line > the YAML > the spec's defaults
+    merged = spec.model_dump(exclude_none=True) | yaml_values | spec.model_dump(include=spec.model_fields_set)
     if merged.get("data") is None:
         raise InputError("no training data given", "pass --data OUT.mindrecord (from `zoo preprocess`)")
-    if merged.get("epochs") is None:
-        merged.pop("epochs", None)
     try:
         settings = TrainSettings.model_validate(merged)
     except Exception as exc:  # pydantic ValidationError: name the fields

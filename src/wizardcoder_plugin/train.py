@@ -130,7 +130,7 @@ def _load_params(params: list, path: Path) -> None:
 class Trainer:
     def __init__(self, settings: TrainSettings, config: GPTBigCodeConfig, model_name: str, pad_token_id: int,
                  progress: bool = True) -> None:
-        from mindspore import ParameterTuple, Tensor, nn
+        from mindspore import ParameterTuple, nn
 
         from .optim import AccumulateGrads, AdamW, CausalLMLoss, ClearGrads, GradStats, LossScaler, fp32_zeros
         from .runtime import build_model, init_mindspore
@@ -167,7 +167,6 @@ class Trainer:
                              f"{settings.grad_accum} x {self.world} rows", "lower --batch-size or --grad-accum")
         self.total_steps = settings.max_steps or settings.epochs * steps_per_epoch
         self.step, self.adam_step, self.micro_position = 0, 0, 0
-        self.tensor = Tensor
 
     # ------------------------------------------------------------------------------------------------ state
     def optimizer_params(self) -> list:
@@ -209,11 +208,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
     def train(self, callbacks: list[StepCallback] | None = None) -> TrainResult:
+        from mindspore import Tensor as T  # noqa: N812 - short: every host value becomes one
         from tqdm import tqdm
 
         from .optim import cosine_with_warmup
 
-        s, T = self.s, self.tensor
+        s = self.s
         s.output_dir.mkdir(parents=True, exist_ok=True)
         for stale in s.output_dir.glob(f".{CKPT_PREFIX}*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)  # a save killed half-way
