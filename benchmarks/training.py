@@ -1,5 +1,8 @@
 """Training throughput: this plugin's train step (GRAPH mode, AdamW in-graph) against HF transformers + torch
-AdamW on the same batches, same machine, alternating; appended to RESULTS.md.
+AdamW on the same batches, same machine; appended to RESULTS.md.
+
+HF runs in a spawned process of its own (PyTorch and MindSpore thread pools in one process slow each other), one
+engine after the other, both on the same rows.
 
     python benchmarks/training.py [--config tiny_starcoder.json] [--batch-size 8] [--seq-length 128] [--steps 6]
 """
@@ -40,10 +43,17 @@ def ours(config, data: Path, work: Path, batch: int, steps: int) -> list[float]:
 
 
 def hf(config, data_rows: list, batch: int, steps: int) -> list[float]:
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(hf_steps, (config.to_hf_dict(), data_rows, batch, steps))
+
+
+def hf_steps(hf_config: dict, data_rows: list, batch: int, steps: int) -> list[float]:
     import torch
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**config.to_hf_dict())).train()
+    model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**hf_config)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for i in range(steps):

@@ -43,28 +43,38 @@ def test_logits_match_hf_with_right_padded_batch(fixture, request):
     assert np.abs(ours - ref).max() <= 1e-4  # padded positions too: the masking semantics are HF's
 
 
-def test_prefill_and_decode_cells_equal_full_forward(hf_tiny):
+@pytest.mark.parametrize("fixture", ["hf_tiny", "hf_mha"])
+def test_prefill_and_decode_cells_equal_full_forward(fixture, request):
+    """The cached path (prefill, then decode steps writing the caches in place) against HF's full forward, for
+    multi-query and multi-head caches; the greedy decode graph returns the argmax of the same logits."""
     ms = init_mindspore()
     from wizardcoder_plugin.modeling import DecodeCell, KVCache, PrefillCell
 
-    cfg = load_config(hf_tiny / "config.json")
-    net = build_model("custom", cfg, hf_tiny)
+    ckpt = request.getfixturevalue(fixture)
+    cfg = load_config(ckpt / "config.json")
+    net = build_model("custom", cfg, ckpt)
     rng = np.random.default_rng(1)
-    full = rng.integers(0, 49152, size=(2, 12)).astype(np.int32)
+    full = rng.integers(0, cfg.vocab_size - 1, size=(2, 12)).astype(np.int32)
     lengths = np.array([9, 6], dtype=np.int32)
-    cache = KVCache(cfg, 2, 64, ms.float32, "test")
+    cache = KVCache(cfg, 2, 64, ms.float32, f"test-{fixture}")
     prefill, decode = PrefillCell(net, cache), DecodeCell(net, cache)
+    greedy = DecodeCell(net, cache, greedy=True)
     prompt = np.where(np.arange(12)[None] < lengths[:, None], full, cfg.pad_token_id).astype(np.int32)
     got = [prefill(ms.Tensor(prompt[:, :10]), ms.Tensor(lengths)).asnumpy()]
+    picked = []
     pos = lengths.copy()
-    for _ in range(2):
-        tok = full[np.arange(2), pos].reshape(2, 1)
-        got.append(decode(ms.Tensor(tok), ms.Tensor(pos)).asnumpy())
+    for _ in range(3):
+        tok = ms.Tensor(full[np.arange(2), pos].reshape(2, 1))
+        picked.append(greedy(tok, ms.Tensor(pos)).asnumpy())  # writes the same slot the logits graph rewrites
+        got.append(decode(tok, ms.Tensor(pos)).asnumpy())
         pos = pos + 1
-    ref = hf_logits(hf_tiny, full, np.ones_like(full))
+    ref = hf_logits(ckpt, full, np.ones_like(full))
     for step, logits in enumerate(got):
         expect = ref[np.arange(2), lengths - 1 + step]
         assert np.abs(logits - expect).max() <= 1e-4, step
+        if step:
+            assert picked[step - 1].dtype == np.int32
+            assert (picked[step - 1] == expect.argmax(-1)).all(), step
 
 
 def test_fp16_logits_match_hf_fp16(hf_tiny):

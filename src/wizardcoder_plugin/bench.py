@@ -53,41 +53,89 @@ class _Ours:
 
 
 class _HF:
-    """transformers' GPTBigCodeForCausalLM (PyTorch eager), the reference engine."""
+    """transformers' GPTBigCodeForCausalLM (PyTorch eager), the reference engine, in a worker process of its own.
+
+    Each engine gets a process, as a user runs it: in one process, PyTorch's and MindSpore's thread pools and
+    allocators were measured to slow each other down (MindSpore's decode ran 20-30% slower once HF had run
+    beside it). Runs stay interleaved in time with ours, on the same machine, prompts and weights."""
 
     def __init__(self, hf_dir: Path) -> None:
+        import multiprocessing as mp
+
         try:
-            import torch
-            from transformers import GPTBigCodeForCausalLM
+            import torch  # noqa: F401  (fail here, with the fix, rather than in the worker)
+            import transformers  # noqa: F401
         except ImportError:
             raise BackendUnavailableError("hf-transformers", "torch / transformers are not installed",
                                           "pip install 'wizardcoder-plugin[test]'") from None
-        self.torch = torch
-        self.model = GPTBigCodeForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no MindSpore state in the reference's process
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_hf_worker, args=(str(hf_dir), child), daemon=True)
+        self.proc.start()
+        child.close()
+        self._reply()  # the model is loaded
+
+    def _reply(self) -> dict:
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            raise BackendUnavailableError("hf-transformers", "the reference worker process died",
+                                          "run again; check memory (the reference holds its own copy of the "
+                                          "weights)") from None
+        if "error" in msg:
+            raise BackendUnavailableError("hf-transformers", msg["error"], "check the HF checkpoint folder")
+        return msg
 
     def run(self, prompts: list[list[int]], new: int) -> dict:
-        """Greedy with the KV cache, as a minimal loop over the model's forward (no `generate` overhead): prefill
-        and decode timed separately, like ours."""
-        torch = self.torch
-        ids = torch.tensor(prompts, dtype=torch.long)
-        outputs = []
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = self.model(input_ids=ids, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            prefill = time.perf_counter() - t0
+        self.conn.send((prompts, new))
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(None)
+            self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def _hf_worker(hf_dir: str, conn: object) -> None:
+    try:
+        import torch
+        from transformers import GPTBigCodeForCausalLM
+
+        model = GPTBigCodeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    except Exception as e:  # reported to the parent, which raises it with a fix
+        conn.send({"error": f"{type(e).__name__}: {e}"})  # type: ignore[attr-defined]
+        return
+    conn.send({"ready": True})  # type: ignore[attr-defined]
+    while (job := conn.recv()) is not None:  # type: ignore[attr-defined]
+        result = _hf_greedy(torch, model, *job)
+        result["peak_rss_mb"] = _peak_rss_mb()
+        conn.send(result)  # type: ignore[attr-defined]
+
+
+def _hf_greedy(torch: object, model: object, prompts: list[list[int]], new: int) -> dict:
+    """Greedy with the KV cache, as a minimal loop over the model's forward (no `generate` overhead): prefill
+    and decode timed separately, like ours."""
+    ids = torch.tensor(prompts, dtype=torch.long)  # type: ignore[attr-defined]
+    outputs = []
+    with torch.inference_mode():  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)  # type: ignore[operator]
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        prefill = time.perf_counter() - t0
+        past = out.past_key_values
+        outputs.append(token)
+        t1 = time.perf_counter()
+        for _ in range(new - 1):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)  # type: ignore[operator]
             past = out.past_key_values
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
             outputs.append(token)
-            t1 = time.perf_counter()
-            for _ in range(new - 1):
-                out = self.model(input_ids=token, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-                outputs.append(token)
-            decode_s = time.perf_counter() - t1
-        return {"total_s": prefill + decode_s, "prefill_ms": prefill * 1e3,
-                "decode_tokens_per_s": ids.shape[0] * (new - 1) / decode_s if new > 1 else 0.0,
-                "generated": ids.shape[0] * new, "outputs": torch.cat(outputs, dim=1).tolist()}
+        decode_s = time.perf_counter() - t1
+    return {"total_s": prefill + decode_s, "prefill_ms": prefill * 1e3,
+            "decode_tokens_per_s": ids.shape[0] * (new - 1) / decode_s if new > 1 else 0.0,
+            "generated": ids.shape[0] * new, "outputs": torch.cat(outputs, dim=1).tolist()}  # type: ignore
 
 
 def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_s: float, tok: object,
@@ -109,7 +157,9 @@ def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_
                "tokens_per_s_reference_count": round(batch * (length - prompt_len) / total, 2),
                "prefill_tokens_per_s": round(batch * prompt_len / (statistics.median(
                    r["prefill_ms"] for r in runs) / 1e3), 1),
-               "warmup_s": round(warmup_s, 3), "repeats": len(runs), "peak_rss_mb_process": round(_peak_rss_mb())})
+               "warmup_s": round(warmup_s, 3), "repeats": len(runs),
+               # the reference's own process; ours: this process (every online/exported engine so far)
+               "peak_rss_mb_process": round(runs[-1].get("peak_rss_mb", _peak_rss_mb()))})
 
 
 def markdown(rows: list[BenchRow]) -> str:
@@ -180,11 +230,27 @@ def run_bench(spec: BenchSpec, model_name: str, config: object, net: object, tok
             engines[backend] = make
         else:
             raise InputError(f"unknown bench backend {backend!r}", "use online, mindir, onnx or lite")
+    hf: _HF | None = None
     if "hf" in spec.compare:
         hf_dir = source if source is not None and Path(source).is_dir() and (Path(source) / "config.json").is_file() \
             else _hf_copy(net, config, work)
         hf = _HF(hf_dir)
         engines["hf-transformers"] = lambda b: hf
+    try:
+        rows = _measure(spec, config, engines, lengths, tok, log)
+    finally:
+        if hf is not None:
+            hf.close()
+    result = BenchResult(rows=rows)
+    if spec.output_dir is not None:
+        write_json(spec.output_dir / "bench.json", result.model_dump(mode="json"))
+        write_text(spec.output_dir / "bench.md", markdown(rows))
+        plot(rows, spec.output_dir / "bench.png")
+    return result
+
+
+def _measure(spec: BenchSpec, config: object, engines: dict[str, Callable[[int], object]], lengths: list[int],
+             tok: object, log: Callable[[str], None]) -> list[BenchRow]:
     rows: list[BenchRow] = []
     for batch in spec.batch_sizes:
         built = {name: make_engine(batch) for name, make_engine in engines.items()}
@@ -215,12 +281,7 @@ def run_bench(spec: BenchSpec, model_name: str, config: object, net: object, tok
                                                                                            1e-9), 3)
                         r.extra["prefill_speedup_vs_hf"] = round(ref.prefill_ms / max(r.prefill_ms, 1e-9), 3)
                         r.extra["tokens_equal_hf"] = same[r.backend]
-    result = BenchResult(rows=rows)
-    if spec.output_dir is not None:
-        write_json(spec.output_dir / "bench.json", result.model_dump(mode="json"))
-        write_text(spec.output_dir / "bench.md", markdown(rows))
-        plot(rows, spec.output_dir / "bench.png")
-    return result
+    return rows
 
 
 def _hf_copy(net: object, config: object, work: Path) -> Path:

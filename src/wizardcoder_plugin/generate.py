@@ -47,6 +47,11 @@ def _bucket(n: int, minimum: int, cap: int) -> int:
     return min(b, cap)
 
 
+def in_graph_greedy(cfg: GenerationConfig) -> bool:
+    """Whether the next token is the plain argmax of the logits, so the decode graph can pick it itself."""
+    return (not cfg.do_sample or cfg.top_k == 1) and cfg.repetition_penalty == 1.0
+
+
 def select_tokens(logits: np.ndarray, history: Sequence[Sequence[int]], cfg: GenerationConfig,
                   rng: np.random.Generator) -> np.ndarray:
     """Next token per row from fp32 logits [B, V] (HF semantics for every option)."""
@@ -85,18 +90,24 @@ class Generator:
         self.config = model.config  # type: ignore[attr-defined]
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch = max_batch
-        self._cells: dict[tuple[int, int], tuple[object, object]] = {}
+        self._cells: dict[tuple[int, int], dict[str, object]] = {}
         self._last_token: object | None = None
 
-    def _cells_for(self, batch: int, max_len: int) -> tuple[object, object]:
+    def _cells_for(self, batch: int, max_len: int, greedy: bool) -> tuple[object, object]:
+        """(prefill, decode) for a bucket; the greedy decode graph returns token ids, the other logits. Both
+        decode graphs share the bucket's caches."""
+        from .modeling import DecodeCell, KVCache, PrefillCell
+
         key = (batch, max_len)
         if key not in self._cells:
-            from .modeling import DecodeCell, KVCache, PrefillCell
-
             dtype = self.model.transformer.wte.weight.dtype  # type: ignore[attr-defined]
             cache = KVCache(self.config, batch, max_len, dtype, tag=f"b{batch}t{max_len}")
-            self._cells[key] = (PrefillCell(self.model, cache), DecodeCell(self.model, cache))
-        return self._cells[key]
+            self._cells[key] = {"cache": cache, "prefill": PrefillCell(self.model, cache)}
+        cells = self._cells[key]
+        kind = "greedy" if greedy else "logits"
+        if kind not in cells:
+            cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy)
+        return cells["prefill"], cells[kind]
 
     def check_prompt(self, ids: list[int], cfg: GenerationConfig) -> list[int]:
         limit = self.config.seq_length - 1
@@ -142,7 +153,7 @@ class Generator:
 
         t0 = time.perf_counter()
         if cfg.use_cache:
-            prefill, decode = self._cells_for(batch, max_len)
+            prefill, decode = self._cells_for(batch, max_len, in_graph_greedy(cfg))
             logits = prefill(ms.Tensor(ids), ms.Tensor(lengths)).asnumpy()
 
             def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -176,7 +187,8 @@ def decode_loop(prompts: list[list[int]], lengths: np.ndarray, batch: int, max_l
                 should_stop: Callable | None = None) -> list[GenerationOutput]:
     """The token loop shared by every engine (online graphs, exported MindIR / ONNX / Lite graphs): select a token
     per row from `logits`, finish rows (EOS, stop string, length), then `step(tokens [B], positions [B])` writes
-    each token at its row's position and returns the next logits."""
+    each token at its row's position and returns the next logits [B,V], or the next token ids [B] where the
+    engine picked them itself (greedy in the graph)."""
     n = len(prompts)
     generated: list[list[int]] = [[] for _ in range(batch)]
     history = [list(p) for p in prompts] + [[pad]] * (batch - n)
@@ -185,7 +197,10 @@ def decode_loop(prompts: list[list[int]], lengths: np.ndarray, batch: int, max_l
     t1 = time.perf_counter()
     steps, tokens_at_t1 = 0, 0
     while True:
-        tokens = select_tokens(logits, history, cfg, rng).astype(np.int32)
+        if logits.ndim == 1:
+            tokens = logits.astype(np.int32)
+        else:
+            tokens = select_tokens(logits, history, cfg, rng).astype(np.int32)
         for r in range(n):
             if finish[r] is not None:
                 tokens[r] = pad

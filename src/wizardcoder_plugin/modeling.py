@@ -7,8 +7,8 @@ and queries are folded to [B, S*H, d] so every matmul is a 3-D batched matmul (4
 Three entry points share the same blocks:
 - `GPTBigCodeForCausalLM.construct(input_ids, position_ids, attention_mask)`: the cache-free full forward
   (training, parity checks, the no-cache generation path);
-- `PrefillCell` / `DecodeCell` (built by `KVCache`): incremental inference with per-layer KV caches held as
-  Parameters and updated in place with ScatterNdUpdate, so a decode step moves no cache through the host.
+- `PrefillCell` / `DecodeCell` (sharing one `KVCache`): incremental inference with per-layer key and value caches
+  held as Parameters and updated in place with ScatterUpdate, so a decode step moves no cache through the host.
 """
 
 from __future__ import annotations
@@ -55,18 +55,23 @@ class LayerNorm(nn.Cell):
 
 
 class Activation(nn.Cell):
-    """The MLP activation the config names: tanh-approximate GELU or the exact erf form."""
+    """The MLP activation the config names: tanh-approximate GELU or the exact erf form.
+
+    The tanh form is computed as x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3), which equals
+    0.5 x (1 + tanh z) (HF's `gelu_pytorch_tanh`) to fp32 rounding: MindSpore's fused CPU GeLU kernel is 4-5x
+    slower than these five elementwise kernels on [rows, 4*hidden] activations, in the forward and the backward."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.exact = name == "gelu"
-        self.gelu_tanh = ops.GeLU()
         self.inv_sqrt2 = 1.0 / math.sqrt(2.0)
+        self.c1 = 2.0 * math.sqrt(2.0 / math.pi)
+        self.c3 = self.c1 * 0.044715
 
     def construct(self, x: Tensor) -> Tensor:
         if self.exact:
             return 0.5 * x * (1.0 + ops.erf(x * self.inv_sqrt2))
-        return self.gelu_tanh(x)
+        return x * ops.sigmoid(x * (self.c1 + self.c3 * (x * x)))
 
 
 class Dropout(nn.Cell):
@@ -139,21 +144,21 @@ class GPTBigCodeAttention(nn.Cell):
         q = heads[:, :, :, :d].reshape(b, s, self.embed_dim) * self.scale
         return q, heads[:, :, :, d:].reshape(b, s, 2 * self.embed_dim)
 
-    def attend_kv(self, q: Tensor, kv: Tensor, mask: Tensor) -> Tensor:
+    def split_qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(scaled query [B,S,H*d], key [B,S,kv*d], value [B,S,kv*d]); one Split kernel for multi-query."""
+        fused = self.c_attn(hidden)
         if self.multi_query:
-            k, v = kv[:, :, : self.kv_dim], kv[:, :, self.kv_dim:]
-        else:
-            b, t, _ = kv.shape
-            d = self.embed_dim // self.n_head
-            heads = kv.reshape(b, t, self.n_head, 2 * d)
-            k = heads[:, :, :, :d].reshape(b, t, self.embed_dim)
-            v = heads[:, :, :, d:].reshape(b, t, self.embed_dim)
-        out = attend(q, k, v, mask, self.n_head, self.multi_query, self.attn_dropout)
-        return self.resid_dropout(self.c_proj(out))
+            q, k, v = ops.split(fused, (self.embed_dim, self.kv_dim, self.kv_dim), axis=-1)
+            return q * self.scale, k, v
+        b, s, _ = fused.shape
+        q, k, v = ops.split(fused.reshape(b, s, self.n_head, -1), self.embed_dim // self.n_head, axis=-1)
+        return (q.reshape(b, s, self.embed_dim) * self.scale, k.reshape(b, s, self.embed_dim),
+                v.reshape(b, s, self.embed_dim))
 
     def construct(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        q, kv = self.qkv(hidden)
-        return self.attend_kv(q, kv, mask)
+        q, k, v = self.split_qkv(hidden)
+        out = attend(q, k, v, mask, self.n_head, self.multi_query, self.attn_dropout)
+        return self.resid_dropout(self.c_proj(out))
 
 
 class GPTBigCodeMLP(nn.Cell):
@@ -235,69 +240,123 @@ class GPTBigCodeForCausalLM(nn.Cell):
 
 
 # --------------------------------------------------------------------------------------------- KV-cache inference
-class PrefillCell(nn.Cell):
-    """Runs right-padded prompts [B,S], writes every position's key|value into the caches, returns the logits
-    at each row's last real token [B,V]."""
+class KVCache(nn.Cell):
+    """Per-layer key and value caches for one (batch, max_len) bucket, each stored as rows
+    [(B*kv_heads)*T, d] (kv_heads = 1 for multi-query) and viewed as [B*kv_heads, T, d]. Keys and values live
+    apart so decoding never slices or transposes a cache; flat rows let ScatterUpdate write a step's rows in
+    place (ScatterNdUpdate on CPU copies the whole cache on every write)."""
 
-    def __init__(self, model: GPTBigCodeForCausalLM, caches: nn.Cell) -> None:
+    def __init__(self, config: GPTBigCodeConfig, batch: int, max_len: int, dtype: ms.Type, tag: str) -> None:
+        super().__init__(auto_prefix=False)
+        self.max_len = max_len
+        shape = (batch * config.kv_heads * max_len, config.head_dim)
+
+        def caches(kind: str) -> ms.ParameterTuple:
+            return ms.ParameterTuple(
+                Parameter(Tensor(np.zeros(shape, dtype=np.float32), dtype=dtype), name=f"{kind}_cache.{tag}.{i}",
+                          requires_grad=False)
+                for i in range(config.n_layer))
+
+        self.keys, self.values = caches("key"), caches("value")
+
+
+class _CachedCell(nn.Cell):
+    """What prefill and decode share: the model, its caches, and the per-head layout of a key/value write."""
+
+    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache) -> None:
         super().__init__(auto_prefix=False)
         self.model = model
-        self.caches = caches.caches
-        self.update = ops.ScatterNdUpdate()
+        self.keys, self.values = cache.keys, cache.values
+        self.max_len = cache.max_len
+        self.update = ops.ScatterUpdate()
+        cfg = model.config
+        self.n_head, self.kv_heads, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+
+    def by_head(self, x: Tensor) -> Tensor:
+        """[B,S,kv*d] -> [B*kv,S,d] (a reshape for multi-query)."""
+        b, s, _ = x.shape
+        if self.kv_heads == 1:
+            return x.reshape(b, s, self.head_dim)
+        return x.reshape(b, s, self.kv_heads, self.head_dim).swapaxes(1, 2).reshape(b * self.kv_heads, s,
+                                                                                   self.head_dim)
+
+    def cache_rows(self, positions: Tensor) -> Tensor:
+        """positions [B,S] -> the cache rows [B*kv,S] they are written to."""
+        b, s = positions.shape
+        first = ops.arange(0, b * self.kv_heads, dtype=ms.int32).reshape(b * self.kv_heads, 1) * self.max_len
+        if self.kv_heads > 1:
+            positions = positions.reshape(b, 1, s).broadcast_to((b, self.kv_heads, s))
+        return first + positions.reshape(b * self.kv_heads, s)
+
+    def write(self, i: int, rows: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v [B,S,kv*d] at `rows`; the updated caches viewed as [B*kv,T,d]."""
+        keys = self.update(self.keys[i], rows, self.by_head(k).astype(self.keys[i].dtype))
+        values = self.update(self.values[i], rows, self.by_head(v).astype(self.values[i].dtype))
+        view = (-1, self.max_len, self.head_dim)
+        return keys.reshape(view), values.reshape(view)
+
+
+class PrefillCell(_CachedCell):
+    """Runs right-padded prompts [B,S], writes every position's key and value into the caches, returns the logits
+    at each row's last real token [B,V]."""
 
     def construct(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         b, s = input_ids.shape
         tr = self.model.transformer
         positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
-        rows = ops.arange(0, b, dtype=ms.int32).reshape(b, 1).broadcast_to((b, s))
-        write_idx = ops.stack((rows, positions), axis=-1)  # [B,S,2]
+        rows = self.cache_rows(positions)
         mask = self.model.causal[:s, :s].reshape(1, s, s).broadcast_to((b, s, s))
         hidden = tr.embed(input_ids, positions)
         for i, block in enumerate(tr.h):
-            q, kv = block.attn.qkv(block.ln_1(hidden))
-            kv = ops.depend(kv, self.update(self.caches[i], write_idx, kv.astype(self.caches[i].dtype)))
-            hidden = hidden + block.attn.attend_kv(q, kv, mask)
+            attn = block.attn
+            q, k, v = attn.split_qkv(block.ln_1(hidden))
+            written = self.write(i, rows, k, v)
+            out = ops.depend(attend(q, k, v, mask, attn.n_head, attn.multi_query), written)
+            hidden = hidden + attn.c_proj(out)
             hidden = hidden + block.mlp(block.ln_2(hidden))
         last = ops.stack((ops.arange(0, b, dtype=ms.int32), lengths - 1), axis=-1)
         return self.model.lm_head(tr.ln_f(ops.gather_nd(hidden, last)))
 
 
-class DecodeCell(nn.Cell):
-    """One step for every row: token [B,1] at position [B] -> logits [B,V]; caches updated in place."""
+class DecodeCell(_CachedCell):
+    """One step for every row: token [B,1] at position [B] -> logits [B,V] (or, with `greedy`, the argmax token
+    ids [B] int32, so a greedy step returns 4 bytes per row); caches updated in place.
 
-    def __init__(self, model: GPTBigCodeForCausalLM, caches: nn.Cell) -> None:
-        super().__init__(auto_prefix=False)
-        self.model = model
-        self.caches = caches.caches
-        self.update = ops.ScatterNdUpdate()
-        self.slots = Tensor(np.arange(caches.max_len, dtype=np.int32))
+    Built for few kernels per layer, since MindSpore on CPU pays per kernel: the key is written once and read
+    transposed by the score matmul (no cache slice or transpose), the mask is one additive bias computed once per
+    step, and every query head sharing a key/value head is one batched matmul. Its phase is "increment":
+    MindSpore then reuses the compiled graph without re-walking the cell tree on every call (fixed input shapes
+    per cell make that safe)."""
+
+    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, greedy: bool = False) -> None:
+        super().__init__(model, cache)
+        self.greedy = greedy
+        self.slots = Tensor(np.arange(cache.max_len, dtype=np.int32))
+        self.scores = ops.BatchMatMul(transpose_b=True)
+        self.argmax = ops.Argmax(axis=-1, output_type=ms.int32)
+        self.phase = "increment"
 
     def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         b = input_ids.shape[0]
         tr = self.model.transformer
-        write_idx = ops.stack((ops.arange(0, b, dtype=ms.int32), positions), axis=-1).reshape(b, 1, 2)
-        mask = (self.slots.reshape(1, 1, -1) <= positions.reshape(b, 1, 1))  # [B,1,T]
+        rows = self.cache_rows(positions.reshape(b, 1))
+        bias = (self.slots.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * _MASK_MIN
         hidden = tr.embed(input_ids, positions.reshape(b, 1))
+        groups = self.n_head // self.kv_heads
         for i, block in enumerate(tr.h):
-            q, kv = block.attn.qkv(block.ln_1(hidden))
-            cache = self.update(self.caches[i], write_idx, kv.astype(self.caches[i].dtype))
-            hidden = hidden + block.attn.attend_kv(q, cache, mask)
+            attn = block.attn
+            q, k, v = attn.split_qkv(block.ln_1(hidden))
+            keys, values = self.write(i, rows, k, v)
+            scores = self.scores(q.reshape(b * self.kv_heads, groups, self.head_dim).astype(keys.dtype), keys)
+            scores = scores.reshape(b, self.n_head, -1).astype(ms.float32) + bias
+            probs = ops.softmax(scores, axis=-1).astype(values.dtype).reshape(b * self.kv_heads, groups, -1)
+            out = ops.bmm(probs, values).reshape(b, 1, self.n_head * self.head_dim)
+            hidden = hidden + attn.c_proj(out)
             hidden = hidden + block.mlp(block.ln_2(hidden))
-        return self.model.lm_head(tr.ln_f(hidden)).reshape(b, -1)
-
-
-class KVCache(nn.Cell):
-    """Per-layer fused key|value caches [B, T, 2*kv*d] for one (batch, max_len) bucket."""
-
-    def __init__(self, config: GPTBigCodeConfig, batch: int, max_len: int, dtype: ms.Type, tag: str) -> None:
-        super().__init__(auto_prefix=False)
-        self.max_len = max_len
-        width = 2 * config.kv_heads * config.head_dim
-        self.caches = ms.ParameterTuple(
-            Parameter(Tensor(np.zeros((batch, max_len, width), dtype=np.float32), dtype=dtype),
-                      name=f"kv_cache.{tag}.{i}", requires_grad=False)
-            for i in range(config.n_layer)
-        )
+        logits = self.model.lm_head(tr.ln_f(hidden)).reshape(b, -1)
+        if self.greedy:
+            return self.argmax(logits)
+        return logits
 
 
 class LastTokenCell(nn.Cell):
