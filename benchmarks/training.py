@@ -45,12 +45,19 @@ def ours(config, data: Path, work: Path, batch: int, steps: int) -> list[float]:
 def hf(config, data_rows: list, batch: int, steps: int) -> list[float]:
     import multiprocessing as mp
 
+    from wizardcoder_plugin.bench import reference_threads
+
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(hf_steps, (config.to_hf_dict(), data_rows, batch, steps))
+        return pool.apply(hf_steps, (config.to_hf_dict(), data_rows, batch, steps, reference_threads()))
 
 
-def hf_steps(hf_config: dict, data_rows: list, batch: int, steps: int) -> list[float]:
+def hf_steps(hf_config: dict, data_rows: list, batch: int, steps: int, threads: int) -> list[float]:
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
+
+    torch.set_num_threads(threads)
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**hf_config)).train()

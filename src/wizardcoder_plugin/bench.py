@@ -9,6 +9,7 @@ total_length - prompt_length tokens: the reference's counting and the honest cou
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import tempfile
@@ -70,7 +71,7 @@ class _HF:
                                           "pip install 'wizardcoder-plugin[test]'") from None
         ctx = mp.get_context("spawn")  # a fresh interpreter: no MindSpore state in the reference's process
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_hf_worker, args=(str(hf_dir), child), daemon=True)
+        self.proc = ctx.Process(target=_hf_worker, args=(str(hf_dir), child, reference_threads()), daemon=True)
         self.proc.start()
         child.close()
         self._reply()  # the model is loaded
@@ -98,10 +99,21 @@ class _HF:
             self.proc.kill()
 
 
-def _hf_worker(hf_dir: str, conn: object) -> None:
+def reference_threads() -> int:
+    """The thread count for the reference engine: the user's OMP_NUM_THREADS, else every CPU this process may
+    use (torch's default). Read from Python's start-up copy of the environment: MindSpore's runtime sets
+    OMP_NUM_THREADS=1 at the C level, which a spawned child would otherwise inherit (a 1-thread reference)."""
+    user = os.environ.get("OMP_NUM_THREADS", "")
+    return int(user) if user.isdigit() and int(user) > 0 else len(os.sched_getaffinity(0))
+
+
+def _hf_worker(hf_dir: str, conn: object, threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         import torch
         from transformers import GPTBigCodeForCausalLM
+
+        torch.set_num_threads(threads)
 
         model = GPTBigCodeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     except Exception as e:  # reported to the parent, which raises it with a fix
@@ -111,6 +123,7 @@ def _hf_worker(hf_dir: str, conn: object) -> None:
     while (job := conn.recv()) is not None:  # type: ignore[attr-defined]
         result = _hf_greedy(torch, model, *job)
         result["peak_rss_mb"] = _peak_rss_mb()
+        result["threads"] = torch.get_num_threads()
         conn.send(result)  # type: ignore[attr-defined]
 
 
@@ -159,7 +172,8 @@ def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_
                    r["prefill_ms"] for r in runs) / 1e3), 1),
                "warmup_s": round(warmup_s, 3), "repeats": len(runs),
                # the reference's own process; ours: this process (every online/exported engine so far)
-               "peak_rss_mb_process": round(runs[-1].get("peak_rss_mb", _peak_rss_mb()))})
+               "peak_rss_mb_process": round(runs[-1].get("peak_rss_mb", _peak_rss_mb())),
+               **({"threads": runs[-1]["threads"]} if "threads" in runs[-1] else {})})
 
 
 def markdown(rows: list[BenchRow]) -> str:
