@@ -289,11 +289,10 @@ class _CachedCell(nn.Cell):
         return first + positions.reshape(b * self.kv_heads, s)
 
     def write(self, i: int, rows: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v [B,S,kv*d] at `rows`; the updated caches viewed as [B*kv,T,d]."""
+        """Write k/v [B,S,kv*d] at `rows`; the updated flat caches [B*kv*T, d]."""
         keys = self.update(self.keys[i], rows, self.by_head(k).astype(self.keys[i].dtype))
         values = self.update(self.values[i], rows, self.by_head(v).astype(self.values[i].dtype))
-        view = (-1, self.max_len, self.head_dim)
-        return keys.reshape(view), values.reshape(view)
+        return keys, values
 
 
 class PrefillCell(_CachedCell):
@@ -333,8 +332,28 @@ class DecodeCell(_CachedCell):
         self.greedy = greedy
         self.slots = Tensor(np.arange(cache.max_len, dtype=np.int32))
         self.scores = ops.BatchMatMul(transpose_b=True)
+        self.scores_2d = ops.MatMul(transpose_b=True)
         self.argmax = ops.Argmax(axis=-1, output_type=ms.int32)
         self.phase = "increment"
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
+        """q [B,1,H*d] (scaled) against the flat caches [B*kv*T, d], bias [B,1,T] -> [B,1,H*d]. A single cache row
+        (batch 1, multi-query) runs as 2-D matmuls on the flat caches: no view kernels."""
+        b = q.shape[0]
+        rows, groups = b * self.kv_heads, self.n_head // self.kv_heads
+        if rows == 1:
+            scores = self.scores_2d(q.reshape(groups, self.head_dim).astype(keys.dtype), keys)
+        else:
+            keys = keys.reshape(rows, self.max_len, self.head_dim)
+            values = values.reshape(rows, self.max_len, self.head_dim)
+            scores = self.scores(q.reshape(rows, groups, self.head_dim).astype(keys.dtype), keys)
+        scores = scores.reshape(b, self.n_head, -1).astype(ms.float32) + bias
+        probs = ops.softmax(scores, axis=-1).astype(values.dtype)
+        if rows == 1:
+            out = ops.matmul(probs.reshape(groups, -1), values)
+        else:
+            out = ops.bmm(probs.reshape(rows, groups, -1), values)
+        return out.reshape(b, 1, self.n_head * self.head_dim)
 
     def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         b = input_ids.shape[0]
@@ -342,15 +361,11 @@ class DecodeCell(_CachedCell):
         rows = self.cache_rows(positions.reshape(b, 1))
         bias = (self.slots.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * _MASK_MIN
         hidden = tr.embed(input_ids, positions.reshape(b, 1))
-        groups = self.n_head // self.kv_heads
         for i, block in enumerate(tr.h):
             attn = block.attn
             q, k, v = attn.split_qkv(block.ln_1(hidden))
             keys, values = self.write(i, rows, k, v)
-            scores = self.scores(q.reshape(b * self.kv_heads, groups, self.head_dim).astype(keys.dtype), keys)
-            scores = scores.reshape(b, self.n_head, -1).astype(ms.float32) + bias
-            probs = ops.softmax(scores, axis=-1).astype(values.dtype).reshape(b * self.kv_heads, groups, -1)
-            out = ops.bmm(probs, values).reshape(b, 1, self.n_head * self.head_dim)
+            out = self.attend(q, keys, values, bias)
             hidden = hidden + attn.c_proj(out)
             hidden = hidden + block.mlp(block.ln_2(hidden))
         logits = self.model.lm_head(tr.ln_f(hidden)).reshape(b, -1)
