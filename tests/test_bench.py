@@ -4,6 +4,7 @@ producing the same tokens), markdown table and PNG plot written."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import zoo
@@ -26,6 +27,9 @@ def test_bench_against_hf(tmp_path, hf_tiny):
         if x["backend"] != "hf-transformers":
             assert x["extra"]["tokens_equal_hf"] is True  # same weights, greedy: the same tokens as HF
             assert x["extra"]["decode_speedup_vs_hf"] > 0
+        elif not os.environ.get("OMP_NUM_THREADS"):
+            # the reference's own process uses every CPU, not MindSpore's C-level OMP_NUM_THREADS=1
+            assert x["extra"]["threads"] == len(os.sched_getaffinity(0))
     assert json.loads((out / "bench.json").read_text())["rows"] == rows
     assert "| hf-transformers | 2 | 24 |" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
