@@ -43,6 +43,16 @@ class _Layers(nn.Cell):
         self.kv_dim = cfg.kv_heads * cfg.head_dim
         self.head_dim = cfg.head_dim
 
+    def qkv(self, block: nn.Cell, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(scaled query [B,S,H*d], key|value [B,S,2*kv*d]) for the block's input x: the exported cache keeps HF's
+        fused layout (multi-query [k | v]; multi-head per head [k_h | v_h])."""
+        q, k, v = block.attn.split_qkv(block.ln_1(x))
+        if self.multi_query:
+            return q, ops.concat((k, v), axis=-1)
+        b, s, _ = k.shape
+        h, d = self.n_head, self.head_dim
+        return q, ops.concat((k.reshape(b, s, h, d), v.reshape(b, s, h, d)), axis=-1).reshape(b, s, 2 * h * d)
+
     def mlp(self, block: nn.Cell, x: Tensor) -> Tensor:
         h = block.mlp.c_fc(block.ln_2(x))
         return block.mlp.c_proj(gelu_tanh(h))
@@ -95,7 +105,7 @@ class PrefillGraph(_Layers):
         hidden = tr.wte(input_ids) + tr.wpe(positions)
         caches = []
         for block in tr.h:
-            q, kv = block.attn.qkv(block.ln_1(hidden))
+            q, kv = self.qkv(block, hidden)
             caches.append(kv.reshape(1, b, s, -1))
             hidden = hidden + self.attention(block, q, kv, bias)
             hidden = hidden + self.mlp(block, hidden)
@@ -113,7 +123,7 @@ class DecodeGraph(_Layers):
         hidden = tr.wte(token) + tr.wpe(positions.reshape(b, 1))
         caches = []
         for i, block in enumerate(tr.h):
-            q, kv = block.attn.qkv(block.ln_1(hidden))
+            q, kv = self.qkv(block, hidden)
             layer = cache[i] * (1.0 - here) + kv.astype(ms.float32) * here  # [B,T,W]
             caches.append(layer.reshape(1, b, t, -1))
             hidden = hidden + self.attention(block, q, layer.astype(kv.dtype), bias)
@@ -130,7 +140,7 @@ class FullGraph(_Layers):
         bias = self.causal_bias(lengths, s)
         hidden = tr.wte(input_ids) + tr.wpe(positions)
         for block in tr.h:
-            q, kv = block.attn.qkv(block.ln_1(hidden))
+            q, kv = self.qkv(block, hidden)
             hidden = hidden + self.attention(block, q, kv, bias)
             hidden = hidden + self.mlp(block, hidden)
         return self.last_token_logits(hidden, lengths)

@@ -129,23 +129,9 @@ class GPTBigCodeAttention(nn.Cell):
         self.attn_dropout = Dropout(config.attn_pdrop)
         self.resid_dropout = Dropout(config.resid_pdrop)
 
-    def qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """(scaled query [B,S,H*d], key|value [B,S,2*kv*d]); the cache stores key|value fused, as HF does.
-
-        HF's fused layout differs by variant: MQA rows are [q (H*d) | k (d) | v (d)]; multi-head rows are
-        per head [q_h | k_h | v_h] (H x 3d), and the cache keeps per head [k_h | v_h].
-        """
-        fused = self.c_attn(hidden)
-        if self.multi_query:
-            return fused[:, :, : self.embed_dim] * self.scale, fused[:, :, self.embed_dim:]
-        b, s, _ = fused.shape
-        d = self.embed_dim // self.n_head
-        heads = fused.reshape(b, s, self.n_head, 3 * d)
-        q = heads[:, :, :, :d].reshape(b, s, self.embed_dim) * self.scale
-        return q, heads[:, :, :, d:].reshape(b, s, 2 * self.embed_dim)
-
     def split_qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(scaled query [B,S,H*d], key [B,S,kv*d], value [B,S,kv*d]); one Split kernel for multi-query."""
+        """(scaled query [B,S,H*d], key [B,S,kv*d], value [B,S,kv*d]). HF's fused `c_attn` rows differ by variant:
+        multi-query [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d)."""
         fused = self.c_attn(hidden)
         if self.multi_query:
             q, k, v = ops.split(fused, (self.embed_dim, self.kv_dim, self.kv_dim), axis=-1)
