@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -61,14 +62,13 @@ class _HF:
     beside it). Runs stay interleaved in time with ours, on the same machine, prompts and weights."""
 
     def __init__(self, hf_dir: Path) -> None:
+        import importlib.util
         import multiprocessing as mp
 
-        try:
-            import torch  # noqa: F401  (fail here, with the fix, rather than in the worker)
-            import transformers  # noqa: F401
-        except ImportError:
+        # fail here, with the fix, rather than in the worker; find_spec: torch is not imported into this process
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
             raise BackendUnavailableError("hf-transformers", "torch / transformers are not installed",
-                                          "pip install 'wizardcoder-plugin[test]'") from None
+                                          "pip install 'wizardcoder-plugin[test]'")
         ctx = mp.get_context("spawn")  # a fresh interpreter: no MindSpore state in the reference's process
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_hf_worker, args=(str(hf_dir), child, reference_threads()), daemon=True)
@@ -215,10 +215,6 @@ def plot(rows: list[BenchRow], path: Path) -> bool:
 
 def run_bench(spec: BenchSpec, model_name: str, config: object, net: object, tok: object, source: Path | None,
               log: Callable[[str], None]) -> BenchResult:
-    from .export import run_export
-    from .exported import ExportedGenerator
-    from .generate import Generator
-
     lengths = sorted(spec.lengths)
     if any(length <= spec.prompt_length for length in lengths):
         raise InputError(f"every --lengths value must exceed --prompt-length {spec.prompt_length}",
@@ -229,7 +225,35 @@ def run_bench(spec: BenchSpec, model_name: str, config: object, net: object, tok
     unknown = [c for c in spec.compare if c != "hf"]
     if unknown:
         raise InputError(f"unknown --compare engine(s) {unknown}", "use --compare hf")
-    work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))  # exports and the HF copy of the weights
+    hf: _HF | None = None
+    try:
+        engines = _our_engines(spec, model_name, config, net, tok, source, lengths[-1], work)
+        if "hf" in spec.compare:
+            is_hf_dir = source is not None and (Path(source) / "config.json").is_file()
+            hf_dir = source if is_hf_dir else _hf_copy(net, config, work)
+            hf = _HF(hf_dir)
+            engines["hf-transformers"] = lambda b: hf
+        rows = _measure(spec, config, engines, lengths, tok, log)
+    finally:
+        if hf is not None:
+            hf.close()
+        shutil.rmtree(work, ignore_errors=True)
+    result = BenchResult(rows=rows)
+    if spec.output_dir is not None:
+        write_json(spec.output_dir / "bench.json", result.model_dump(mode="json"))
+        write_text(spec.output_dir / "bench.md", markdown(rows))
+        plot(rows, spec.output_dir / "bench.png")
+    return result
+
+
+def _our_engines(spec: BenchSpec, model_name: str, config: object, net: object, tok: object, source: Path | None,
+                 seq_length: int, work: Path) -> dict[str, Callable[[int], object]]:
+    """backend -> a factory of that engine for a batch size (exported backends export into `work` once)."""
+    from .export import run_export
+    from .exported import ExportedGenerator
+    from .generate import Generator
+
     engines: dict[str, Callable[[int], object]] = {}
     for backend in spec.backends:
         if backend == "online":
@@ -239,28 +263,12 @@ def run_bench(spec: BenchSpec, model_name: str, config: object, net: object, tok
                 out = work / f"{backend}-b{b}"
                 if not out.exists():
                     run_export(ExportSpec(model=model_name, backend=backend, output_dir=out, batch_size=b,
-                                          seq_length=lengths[-1]), net, config, tok, source)
+                                          seq_length=seq_length), net, config, tok, source)  # type: ignore[arg-type]
                 return _Ours(ExportedGenerator(out, backend, NO_EOS, tok.pad_token_id), tok)  # type: ignore
             engines[backend] = make
         else:
             raise InputError(f"unknown bench backend {backend!r}", "use online, mindir, onnx or lite")
-    hf: _HF | None = None
-    if "hf" in spec.compare:
-        hf_dir = source if source is not None and Path(source).is_dir() and (Path(source) / "config.json").is_file() \
-            else _hf_copy(net, config, work)
-        hf = _HF(hf_dir)
-        engines["hf-transformers"] = lambda b: hf
-    try:
-        rows = _measure(spec, config, engines, lengths, tok, log)
-    finally:
-        if hf is not None:
-            hf.close()
-    result = BenchResult(rows=rows)
-    if spec.output_dir is not None:
-        write_json(spec.output_dir / "bench.json", result.model_dump(mode="json"))
-        write_text(spec.output_dir / "bench.md", markdown(rows))
-        plot(rows, spec.output_dir / "bench.png")
-    return result
+    return engines
 
 
 def _measure(spec: BenchSpec, config: object, engines: dict[str, Callable[[int], object]], lengths: list[int],
