@@ -52,12 +52,9 @@ def hf(config, data_rows: list, batch: int, steps: int) -> list[float]:
 
 
 def hf_steps(hf_config: dict, data_rows: list, batch: int, steps: int, threads: int) -> list[float]:
-    import os
+    from wizardcoder_plugin.bench import reference_torch
 
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
+    torch = reference_torch(threads)
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**hf_config)).train()

@@ -107,13 +107,19 @@ def reference_threads() -> int:
     return int(user) if user.isdigit() and int(user) > 0 else len(os.sched_getaffinity(0))
 
 
-def _hf_worker(hf_dir: str, conn: object, threads: int) -> None:
+def reference_torch(threads: int) -> object:
+    """torch, imported in a reference worker process and set to `threads` (see `reference_threads`)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    try:
-        import torch
-        from transformers import GPTBigCodeForCausalLM
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
+    return torch
+
+
+def _hf_worker(hf_dir: str, conn: object, threads: int) -> None:
+    try:
+        torch = reference_torch(threads)
+        from transformers import GPTBigCodeForCausalLM
 
         model = GPTBigCodeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     except Exception as e:  # reported to the parent, which raises it with a fix
