@@ -58,6 +58,38 @@ def test_greedy_equals_hf_generate_padded_batch_of_3(generator, hf_model, use_ca
     assert ours == singles  # each row equals its unbatched output
 
 
+@pytest.mark.parametrize("layout", ["tied", "transposed"])
+def test_each_lm_head_layout_equals_hf_generate(generator, hf_model, layout):
+    """The tied embedding as stored and its transposed copy give HF's tokens; `auto` picks one of them per batch
+    size, and `sync_weights` refreshes the copy after an in-place weight change."""
+    gen = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, max_batch=4, head_layout=layout)
+    cfg = GenerationConfig(max_new_tokens=24)
+    assert [o.token_ids for o in gen.generate(PROMPTS, cfg)] == hf_greedy(hf_model, PROMPTS, 24)
+    assert gen.head_choice == {4: layout} and (gen._head_t is None) == (layout == "tied")
+    generator.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=2))
+    assert set(generator.head_choice.values()) <= {"tied", "transposed"} and 1 in generator.head_choice
+    if layout == "transposed":
+        wte = generator.model.transformer.wte.weight
+        saved = wte.asnumpy()
+        try:
+            wte.set_data(ms_tensor(saved[::-1].copy()))  # a different embedding, changed in place
+            stale = gen.generate(PROMPTS[:1], cfg)[0].token_ids
+            gen.sync_weights()
+            tied = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, head_layout="tied")
+            fresh, expect = gen.generate(PROMPTS[:1], cfg)[0].token_ids, tied.generate(PROMPTS[:1], cfg)[0].token_ids
+            assert fresh == expect != stale
+        finally:
+            wte.set_data(ms_tensor(saved))
+    with pytest.raises(InputError, match="head layout"):
+        Generator(generator.model, eos_token_id=1, pad_token_id=PAD, head_layout="fast")
+
+
+def ms_tensor(array):
+    import mindspore as ms
+
+    return ms.Tensor(array)
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(generator):
     sample = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.9, top_k=50, top_p=0.9, seed=3)
     a = generator.generate(PROMPTS[:2], sample)

@@ -50,8 +50,10 @@ class _Ours:
         t0 = time.perf_counter()
         outs = self.gen.generate(prompts, GenerationConfig(max_new_tokens=new))  # type: ignore[attr-defined]
         total = time.perf_counter() - t0
+        layout = getattr(self.gen, "head_choice", {}).get(len(prompts))  # online graphs: the LM head's layout
         return {"total_s": total, "prefill_ms": outs[0].prefill_ms, "decode_tokens_per_s": outs[0].decode_tokens_per_s,
-                "generated": sum(len(o.token_ids) for o in outs), "outputs": [o.token_ids for o in outs]}
+                "generated": sum(len(o.token_ids) for o in outs), "outputs": [o.token_ids for o in outs],
+                **({"head_layout": layout} if layout else {})}
 
 
 class _HF:
@@ -179,7 +181,7 @@ def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_
                "warmup_s": round(warmup_s, 3), "repeats": len(runs),
                # the reference's own process; ours: this process (every online/exported engine so far)
                "peak_rss_mb_process": round(runs[-1].get("peak_rss_mb", _peak_rss_mb())),
-               **({"threads": runs[-1]["threads"]} if "threads" in runs[-1] else {})})
+               **{k: runs[-1][k] for k in ("threads", "head_layout") if k in runs[-1]}})
 
 
 def markdown(rows: list[BenchRow]) -> str:
