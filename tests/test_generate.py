@@ -69,25 +69,21 @@ def test_each_lm_head_layout_equals_hf_generate(generator, hf_model, layout):
     generator.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=2))
     assert set(generator.head_choice.values()) <= {"tied", "transposed"} and 1 in generator.head_choice
     if layout == "transposed":
+        import mindspore as ms
+
         wte = generator.model.transformer.wte.weight
         saved = wte.asnumpy()
         try:
-            wte.set_data(ms_tensor(saved[::-1].copy()))  # a different embedding, changed in place
+            wte.set_data(ms.Tensor(saved[::-1].copy()))  # a different embedding, changed in place
             stale = gen.generate(PROMPTS[:1], cfg)[0].token_ids
             gen.sync_weights()
             tied = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, head_layout="tied")
             fresh, expect = gen.generate(PROMPTS[:1], cfg)[0].token_ids, tied.generate(PROMPTS[:1], cfg)[0].token_ids
             assert fresh == expect != stale
         finally:
-            wte.set_data(ms_tensor(saved))
+            wte.set_data(ms.Tensor(saved))
     with pytest.raises(InputError, match="head layout"):
         Generator(generator.model, eos_token_id=1, pad_token_id=PAD, head_layout="fast")
-
-
-def ms_tensor(array):
-    import mindspore as ms
-
-    return ms.Tensor(array)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(generator):

@@ -113,8 +113,11 @@ class Generator:
         """The transposed head copy if `batch`-row graphs should read it, else None (the tied embedding)."""
         if batch not in self.head_choice:
             self.head_choice[batch] = self._pick_head_layout(batch)
-        if self.head_choice[batch] == "tied":
-            return None
+            if "transposed" not in self.head_choice.values():
+                self._head_t = None  # a probe's copy that no graph reads: free it
+        return self._transposed_head() if self.head_choice[batch] == "transposed" else None
+
+    def _transposed_head(self) -> object:
         if self._head_t is None:
             self._head_t = self.model.transposed_head()  # type: ignore[attr-defined]
         return self._head_t
@@ -125,20 +128,15 @@ class Generator:
         if self.head_layout != "auto":
             return self.head_layout
         wte = self.model.transformer.wte.weight  # type: ignore[attr-defined]
-        too_big = wte.size * wte.itemsize > _HEAD_COPY_LIMIT
-        if too_big or ms.get_context("device_target") != "CPU":
+        if wte.size * wte.itemsize > _HEAD_COPY_LIMIT or ms.get_context("device_target") != "CPU":
             return "tied"
         from .modeling import LMHeadCell
 
-        copy = self._head_t if self._head_t is not None else self.model.transposed_head()  # type: ignore
         hidden = ms.Tensor(np.random.default_rng(0).standard_normal((batch, wte.shape[1]), dtype=np.float32),
                            dtype=wte.dtype)
-        best = _fastest_call({"tied": LMHeadCell(self.model, None), "transposed": LMHeadCell(self.model, copy)},
-                             hidden)
-        if best["transposed"] >= 0.9 * best["tied"]:  # a clear win only: the copy costs memory
-            return "tied"
-        self._head_t = copy
-        return "transposed"
+        best = _fastest_call({"tied": LMHeadCell(self.model, None),
+                              "transposed": LMHeadCell(self.model, self._transposed_head())}, hidden)
+        return "transposed" if best["transposed"] < 0.9 * best["tied"] else "tied"  # a clear win: the copy costs memory
 
     def sync_weights(self) -> None:
         """Refresh the transposed head copy from the model's current embedding (after an in-place weight change)."""
