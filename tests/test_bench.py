@@ -27,8 +27,10 @@ def test_bench_against_hf(tmp_path, hf_tiny):
         if x["backend"] != "hf-transformers":
             assert x["extra"]["tokens_equal_hf"] is True  # same weights, greedy: the same tokens as HF
             assert x["extra"]["decode_speedup_vs_hf"] > 0
-            if x["backend"] == "online":  # the LM-head layout the online graphs picked is reported
-                assert x["extra"]["head_layout"] in ("tied", "transposed")
+            if x["backend"] == "online":  # what the online graphs picked is reported
+                kernels, layout = x["extra"]["kernels"], x["extra"].get("head_layout")
+                assert kernels in ("native", "mindspore")
+                assert (layout in ("tied", "transposed")) == (kernels == "mindspore")
         elif not os.environ.get("OMP_NUM_THREADS"):
             # the reference's own process uses every CPU, not MindSpore's C-level OMP_NUM_THREADS=1
             assert x["extra"]["threads"] == len(os.sched_getaffinity(0))

@@ -62,12 +62,13 @@ def test_greedy_equals_hf_generate_padded_batch_of_3(generator, hf_model, use_ca
 def test_each_lm_head_layout_equals_hf_generate(generator, hf_model, layout):
     """The tied embedding as stored and its transposed copy give HF's tokens; `auto` picks one of them per batch
     size, and `sync_weights` refreshes the copy after an in-place weight change."""
-    gen = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, max_batch=4, head_layout=layout)
+    gen = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, max_batch=4, head_layout=layout,
+                    kernels="mindspore")
     cfg = GenerationConfig(max_new_tokens=24)
     assert [o.token_ids for o in gen.generate(PROMPTS, cfg)] == hf_greedy(hf_model, PROMPTS, 24)
     assert gen.head_choice == {4: layout} and (gen._head_t is None) == (layout == "tied")
     generator.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=2))
-    assert set(generator.head_choice.values()) <= {"tied", "transposed"} and 1 in generator.head_choice
+    assert set(generator.head_choice.values()) <= {"tied", "transposed", "native"} and 1 in generator.head_choice
     if layout == "transposed":
         import mindspore as ms
 
@@ -77,13 +78,30 @@ def test_each_lm_head_layout_equals_hf_generate(generator, hf_model, layout):
             wte.set_data(ms.Tensor(saved[::-1].copy()))  # a different embedding, changed in place
             stale = gen.generate(PROMPTS[:1], cfg)[0].token_ids
             gen.sync_weights()
-            tied = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, head_layout="tied")
+            tied = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, head_layout="tied",
+                             kernels="mindspore")
             fresh, expect = gen.generate(PROMPTS[:1], cfg)[0].token_ids, tied.generate(PROMPTS[:1], cfg)[0].token_ids
             assert fresh == expect != stale
         finally:
             wte.set_data(ms.Tensor(saved))
     with pytest.raises(InputError, match="head layout"):
         Generator(generator.model, eos_token_id=1, pad_token_id=PAD, head_layout="fast")
+
+
+@pytest.mark.skipif(not __import__("wizardcoder_plugin.kernels").kernels.availability()[0],
+                    reason="native kernels unavailable here")
+def test_native_kernels_equal_hf_generate(generator, hf_model):
+    """Every decode linear layer and the LM head on the native kernel: HF's tokens, greedy and from logits
+    (repetition penalty: the host picks), at each batch size the bucket rounds to."""
+    gen = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, max_batch=4, kernels="native")
+    cfg = GenerationConfig(max_new_tokens=24)
+    assert [o.token_ids for o in gen.generate(PROMPTS, cfg)] == hf_greedy(hf_model, PROMPTS, 24)
+    assert gen.generate(PROMPTS[:1], cfg)[0].token_ids == hf_greedy(hf_model, PROMPTS[:1], 24)[0]
+    assert gen.head_choice == {4: "native", 1: "native"}
+    penalized = GenerationConfig(max_new_tokens=12, repetition_penalty=1.3)
+    reference = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, max_batch=4, kernels="mindspore")
+    assert ([o.token_ids for o in gen.generate(PROMPTS, penalized)]
+            == [o.token_ids for o in reference.generate(PROMPTS, penalized)])
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(generator):

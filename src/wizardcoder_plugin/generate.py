@@ -83,34 +83,66 @@ def select_tokens(logits: np.ndarray, history: Sequence[Sequence[int]], cfg: Gen
 
 
 HEAD_LAYOUTS = ("auto", "tied", "transposed")
+KERNELS = ("auto", "native", "mindspore")
 _HEAD_COPY_LIMIT = 512 * 2**20  # bytes: above this the copy's memory outweighs what its speed could save
 
 
 class Generator:
     """Compiled graphs are cached per shape bucket and reused across calls.
 
-    `head_layout` says how the decode and prefill graphs read the tied LM head: "tied" (the embedding [V,E] as
-    stored), "transposed" (a copy [E,V]), or "auto": on CPU, time both once per batch size and keep the faster.
-    Which layout wins depends on the matmul kernel and the shape (measured on one Xeon: the copy 1.3x faster for
-    one row at hidden 256, the stored layout 1.5x faster for 8 rows at hidden 768). The copy is a snapshot: after
-    changing the model's weights in place, call `sync_weights()`."""
+    `kernels` says what runs the decode graphs' linear layers and LM head: "mindspore" (its MatMul), "native"
+    (the multi-threaded small-row kernel of `kernels/linear.cc`, CPU and fp32 only, compiled on first use), or
+    "auto": on CPU in fp32, time the LM head both ways once per batch size and keep the faster (MindSpore's CPU
+    MatMul runs a one-row product on one core; measured on one Xeon the native head was 1.3-2x faster).
+    `head_layout` says how MindSpore's MatMul reads the tied LM head: "tied" (the embedding [V,E] as stored),
+    "transposed" (a copy [E,V]), or "auto": time both. Which wins depends on the kernel and the shape (measured on
+    one Xeon: the copy 1.3x faster for one row at hidden 256, the stored layout 1.5x faster for 8 rows at hidden
+    768). The copy is a snapshot: after changing the model's weights in place, call `sync_weights()`.
+    `head_choice` records, per batch size, what the graphs use: "native", "tied" or "transposed"."""
 
     def __init__(self, model: object, eos_token_id: int, pad_token_id: int, max_batch: int = 8,
-                 head_layout: str = "auto") -> None:
+                 head_layout: str = "auto", kernels: str = "auto") -> None:
         if head_layout not in HEAD_LAYOUTS:
             raise InputError(f"unknown head layout {head_layout!r}", f"use one of {', '.join(HEAD_LAYOUTS)}")
+        if kernels not in KERNELS:
+            raise InputError(f"unknown kernels {kernels!r}", f"use one of {', '.join(KERNELS)}")
         self.model = model
         self.config = model.config  # type: ignore[attr-defined]
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch = max_batch
-        self.head_layout = head_layout
+        self.head_layout, self.kernels = head_layout, kernels
         self._cells: dict[tuple[int, int], dict[str, object]] = {}
         self._last_token: object | None = None
         self._head_t: object | None = None  # the transposed copy, made when a bucket first uses it
-        self.head_choice: dict[int, str] = {}  # batch size -> the layout its graphs use
+        self._native: object | None = None
+        self.native_unavailable = ""  # why the native kernels are not used, where "auto" fell back
+        self.head_choice: dict[int, str] = {}  # batch size -> native | tied | transposed
+
+    def _native_kernels(self) -> object | None:
+        """The native kernels if they may run here, else None (for "auto") or an InputError (for "native")."""
+        import mindspore as ms
+
+        from .kernels import KernelUnavailable, native_kernels
+
+        if self.kernels == "mindspore":
+            return None
+        if self._native is None and not self.native_unavailable:
+            dtype = self.model.transformer.wte.weight.dtype  # type: ignore[attr-defined]
+            if ms.get_context("device_target") != "CPU" or dtype != ms.float32:
+                self.native_unavailable = f"native kernels are for fp32 on CPU, not {dtype} on " \
+                                          f"{ms.get_context('device_target')}"
+            else:
+                try:
+                    self._native = native_kernels()
+                except KernelUnavailable as exc:
+                    self.native_unavailable = str(exc)
+        if self._native is None and self.kernels == "native":
+            raise InputError(self.native_unavailable, "use kernels='auto' or 'mindspore' (MindSpore's MatMul)")
+        return self._native
 
     def _head_for(self, batch: int) -> object | None:
-        """The transposed head copy if `batch`-row graphs should read it, else None (the tied embedding)."""
+        """The transposed head copy if `batch`-row graphs should read it, else None (the tied embedding or the
+        native kernel: see `head_choice`)."""
         if batch not in self.head_choice:
             self.head_choice[batch] = self._pick_head_layout(batch)
             if "transposed" not in self.head_choice.values():
@@ -125,21 +157,32 @@ class Generator:
     def _pick_head_layout(self, batch: int) -> str:
         import mindspore as ms
 
-        if self.head_layout != "auto":
-            return self.head_layout
+        native = self._native_kernels()
+        if self.kernels == "native":
+            return "native"
         wte = self.model.transformer.wte.weight  # type: ignore[attr-defined]
-        if wte.size * wte.itemsize > _HEAD_COPY_LIMIT or ms.get_context("device_target") != "CPU":
-            return "tied"
+        candidates = {"native": None} if native is not None else {}
+        if self.head_layout != "auto":
+            candidates[self.head_layout] = None
+        else:
+            candidates["tied"] = None
+            if wte.size * wte.itemsize <= _HEAD_COPY_LIMIT and ms.get_context("device_target") == "CPU":
+                candidates["transposed"] = None
+        if len(candidates) == 1:
+            return next(iter(candidates))
         from .modeling import LMHeadCell
 
         hidden = ms.Tensor(np.random.default_rng(0).standard_normal((batch, wte.shape[1]), dtype=np.float32),
                            dtype=wte.dtype)
-        # two compiled instances per layout: one instance's speed can be off for its lifetime (buffer placement)
-        layouts = {"tied": None, "transposed": self._transposed_head()}
-        timed = _fastest_call({(name, i): LMHeadCell(self.model, w) for name, w in layouts.items() for i in range(2)},
-                              hidden)
-        best = {name: min(t for (n, _), t in timed.items() if n == name) for name in layouts}
-        return "transposed" if best["transposed"] < 0.9 * best["tied"] else "tied"  # a clear win: the copy costs memory
+        # two compiled instances per candidate: one instance's speed can be off for its lifetime (buffer placement)
+        cells = {(name, i): LMHeadCell(self.model, self._transposed_head() if name == "transposed" else None,
+                                       native if name == "native" else None)
+                 for name in candidates for i in range(2)}
+        timed = _fastest_call(cells, hidden)
+        best = {name: min(t for (n, _), t in timed.items() if n == name) for name in candidates}
+        if "transposed" in best and best["transposed"] >= 0.9 * best.get("tied", float("inf")):
+            del best["transposed"]  # only a clear win pays for the copy's memory
+        return min(best, key=best.__getitem__)
 
     def sync_weights(self) -> None:
         """Refresh the transposed head copy from the model's current embedding (after an in-place weight change)."""
@@ -160,7 +203,8 @@ class Generator:
         cells = self._cells[key]
         kind = "greedy" if greedy else "logits"
         if kind not in cells:
-            cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy, head_t=head_t)
+            native = self._native if self.head_choice[batch] == "native" else None
+            cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy, head_t=head_t, native=native)
         return cells["prefill"], cells[kind]
 
     def check_prompt(self, ids: list[int], cfg: GenerationConfig) -> list[int]:

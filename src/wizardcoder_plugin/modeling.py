@@ -133,7 +133,10 @@ class GPTBigCodeAttention(nn.Cell):
         """(scaled query [B,S,H*d], key [B,S,kv*d], value [B,S,kv*d]). HF's fused `c_attn` rows differ by variant:
         multi-query [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d). `narrow` (the CPU
         Slice kernel, <1 us) rather than `split` (StridedSlice, up to ~45 us per piece on CPU)."""
-        fused = self.c_attn(hidden)
+        return self.split_fused(self.c_attn(hidden))
+
+    def split_fused(self, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`split_qkv` after the `c_attn` product."""
         if self.multi_query:
             q = ops.narrow(fused, -1, 0, self.embed_dim)
             k = ops.narrow(fused, -1, self.embed_dim, self.kv_dim)
@@ -329,9 +332,14 @@ class DecodeCell(_CachedCell):
     per cell make that safe)."""
 
     def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, greedy: bool = False,
-                 head_t: Parameter | None = None) -> None:
+                 head_t: Parameter | None = None, native: object | None = None) -> None:
         super().__init__(model, cache, head_t)
         self.greedy = greedy
+        # `native` (kernels.NativeKernels): every linear layer and the LM head through the native small-row
+        # kernel, which uses every core where MindSpore's CPU MatMul uses one for a few rows
+        self.use_native = native is not None
+        self.native_linear_bias = native.linear_bias if native is not None else None
+        self.native_linear = native.linear if native is not None else None
         self.slots = Tensor(np.arange(cache.max_len, dtype=np.int32))
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.scores_2d = ops.MatMul(transpose_b=True)
@@ -357,6 +365,20 @@ class DecodeCell(_CachedCell):
             out = ops.bmm(probs.reshape(rows, groups, -1), values)
         return out.reshape(b, 1, self.n_head * self.head_dim)
 
+    def dense(self, layer: Linear, x: Tensor) -> Tensor:
+        """layer(x) for x [B,1,in] -> [B,1,out]."""
+        if not self.use_native:
+            return layer(x)
+        b = x.shape[0]
+        return self.native_linear_bias(x.reshape(b, -1), layer.weight, layer.bias).reshape(b, 1, -1)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """[B,1,E] -> fp32 logits [B,V]."""
+        b = hidden.shape[0]
+        if not self.use_native:
+            return self.model.lm_head(hidden, self.head_t).reshape(b, -1)
+        return self.native_linear(hidden.reshape(b, -1), self.model.transformer.wte.weight)
+
     def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         b = input_ids.shape[0]
         tr = self.model.transformer
@@ -364,13 +386,13 @@ class DecodeCell(_CachedCell):
         bias = (self.slots.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * _MASK_MIN
         hidden = tr.embed(input_ids, positions.reshape(b, 1))
         for i, block in enumerate(tr.h):
-            attn = block.attn
-            q, k, v = attn.split_qkv(block.ln_1(hidden))
+            attn, mlp = block.attn, block.mlp
+            q, k, v = attn.split_fused(self.dense(attn.c_attn, block.ln_1(hidden)))
             keys, values = self.write(i, rows, k, v)
             out = self.attend(q, keys, values, bias)
-            hidden = hidden + attn.c_proj(out)
-            hidden = hidden + block.mlp(block.ln_2(hidden))
-        logits = self.model.lm_head(tr.ln_f(hidden), self.head_t).reshape(b, -1)
+            hidden = hidden + self.dense(attn.c_proj, out)
+            hidden = hidden + self.dense(mlp.c_proj, mlp.act(self.dense(mlp.c_fc, block.ln_2(hidden))))
+        logits = self.head(tr.ln_f(hidden))
         if self.greedy:
             return self.argmax(logits)[0]
         return logits
@@ -395,13 +417,20 @@ class LastTokenCell(nn.Cell):
 
 
 class LMHeadCell(nn.Cell):
-    """The LM head alone, hidden [B,E] -> argmax ids [B]: what `Generator` times to pick the head's layout."""
+    """The LM head alone, hidden [B,E] -> argmax ids [B]: what `Generator` times to pick the head's layout
+    (`head_t`: the transposed copy) or kernel (`native`: kernels.NativeKernels)."""
 
-    def __init__(self, model: GPTBigCodeForCausalLM, head_t: Parameter | None) -> None:
+    def __init__(self, model: GPTBigCodeForCausalLM, head_t: Parameter | None, native: object | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.model, self.head_t = model, head_t
+        self.use_native = native is not None
+        self.native_linear = native.linear if native is not None else None
         self.argmax = ops.ArgMaxWithValue(axis=-1)
         self.phase = "increment"
 
     def construct(self, hidden: Tensor) -> Tensor:
-        return self.argmax(self.model.lm_head(hidden, self.head_t))[0]
+        if self.use_native:
+            logits = self.native_linear(hidden, self.model.transformer.wte.weight)
+        else:
+            logits = self.model.lm_head(hidden, self.head_t)
+        return self.argmax(logits)[0]

@@ -1,0 +1,131 @@
+"""Native CPU kernels for decoding: `linear.cc` (a multi-threaded small-row linear layer, see its header for why),
+compiled on first use with the machine's C++ compiler and run inside MindSpore graphs as Custom "aot" ops.
+
+The library is built once per (source, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
+`~/.cache/zoo/kernels`), written atomically. Without a compiler, off x86-64/aarch64 Linux, or with
+`ZOO_NATIVE_KERNELS=0`, `native_kernels()` says why and decoding keeps MindSpore's own MatMul.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("linear.cc")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernels cannot be built or loaded here; the message says why."""
+
+
+@dataclass(frozen=True)
+class NativeKernels:
+    """The compiled library and the two Custom primitives built on it (fp32, 2-D operands)."""
+
+    library: Path
+    linear_bias: object  # (x [M,K], W [N,K], b [N]) -> [M,N]
+    linear: object  # (x [M,K], W [N,K]) -> [M,N]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZOO_KERNEL_CACHE", Path.home() / ".cache" / "zoo" / "kernels"))
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)  # type: ignore[return-value]
+    raise KernelUnavailable("no C++ compiler found (set CXX, or install g++)")
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in info.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(lines)))
+
+
+def build(source: Path = SOURCE) -> Path:
+    """Compile `source` into the cache (once per source, compiler, flags and CPU); the library's path."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        raise KernelUnavailable(f"native kernels are built for Linux x86-64/aarch64, not {platform.system()} "
+                                f"{platform.machine()}")
+    cxx = _compiler()
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelUnavailable(f"{cxx} --version failed: {exc}") from exc
+    key = hashlib.sha256("\0".join([source.read_text(), cxx, version, *FLAGS, _cpu_signature()]).encode())
+    target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise KernelUnavailable(f"compiling {source.name} with {cxx} failed:\n{done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: a concurrent builder's identical file may win, either is complete
+    except subprocess.TimeoutExpired as exc:
+        raise KernelUnavailable(f"compiling {source.name} with {cxx} timed out") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def native_kernels() -> NativeKernels:
+    """Build (or find) the library and wrap its entry points as Custom ops; raises KernelUnavailable with the
+    reason where that is not possible. Tried once per process: a failure is remembered, not retried."""
+    loaded = _load()
+    if isinstance(loaded, KernelUnavailable):
+        raise loaded
+    return loaded
+
+
+@lru_cache(maxsize=1)
+def _load() -> NativeKernels | KernelUnavailable:
+    try:
+        return _build_and_wrap()
+    except KernelUnavailable as exc:
+        return exc
+
+
+def _build_and_wrap() -> NativeKernels:
+    if os.environ.get("ZOO_NATIVE_KERNELS", "1") == "0":
+        raise KernelUnavailable("disabled by ZOO_NATIVE_KERNELS=0")
+    library = build()
+    import ctypes
+
+    try:
+        ctypes.CDLL(str(library))  # a broken library fails here, with the loader's message, not inside a graph
+    except OSError as exc:
+        raise KernelUnavailable(f"loading {library} failed: {exc}") from exc
+    from mindspore import ops
+
+    def custom(entry: str, out_shape: object) -> object:
+        return ops.Custom(f"{library}:{entry}", out_shape=out_shape, out_dtype=lambda x, *_: x, func_type="aot")
+
+    return NativeKernels(library, custom("LinearBias", lambda x, w, b: [x[0], w[0]]),
+                         custom("Linear", lambda x, w: [x[0], w[0]]))
+
+
+def availability() -> tuple[bool, str]:
+    """(usable, why not) without raising."""
+    try:
+        native_kernels()
+    except KernelUnavailable as exc:
+        return False, str(exc)
+    return True, ""

@@ -1,0 +1,136 @@
+"""The native decode kernels: numerics against numpy inside MindSpore graphs, the build cache and its failures,
+the thread pool after fork(), and Generator's choice and fallback."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+from registry_spec.errors import InputError
+from wizardcoder_plugin import kernels
+from wizardcoder_plugin.kernels import KernelUnavailable, build, native_kernels
+
+ok, why = kernels.availability()
+needs_kernels = pytest.mark.skipif(not ok, reason=f"native kernels unavailable here: {why}")
+
+# (M, K, N): one row and several; K off the vector width, N off the tile width; the tiny model's head
+SHAPES = [(1, 256, 384), (3, 100, 37), (8, 768, 3072), (5, 17, 1), (4, 256, 49153), (9, 64, 130)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_equals_numpy_in_a_graph(bias):
+    import mindspore as ms
+    from mindspore import nn
+
+    from wizardcoder_plugin.runtime import init_mindspore
+
+    init_mindspore()
+    nk = native_kernels()
+
+    class Cell(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.op = nk.linear_bias if bias else nk.linear
+
+        def construct(self, x, w, b):
+            return self.op(x, w, b) if bias else self.op(x, w)
+
+    rng = np.random.default_rng(0)
+    cell = Cell()
+    for m, k, n in SHAPES:
+        x, w = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
+        b = rng.standard_normal(n, dtype=np.float32)
+        got = cell(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b)).asnumpy()
+        want = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0)
+        assert got.shape == (m, n)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(k), err_msg=f"{(m, k, n)}")
+
+
+@needs_kernels
+def test_build_is_cached_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_KERNEL_CACHE", str(tmp_path))
+    first = build()
+    assert first.parent == tmp_path and first.suffix == ".so"
+    mtime = first.stat().st_mtime_ns
+    assert build() == first and first.stat().st_mtime_ns == mtime  # found, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+@needs_kernels
+def test_compile_error_is_reported_and_nothing_is_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_KERNEL_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.cc"
+    bad.write_text('extern "C" int Linear( {\n')
+    with pytest.raises(KernelUnavailable, match="(?s)compiling broken.cc with .* failed:.*error"):
+        build(bad)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_no_compiler_is_reported(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(KernelUnavailable, match="no C\\+\\+ compiler"):
+        build()
+
+
+def _call_linear(library: str, m: int, k: int, n: int, seed: int) -> float:
+    """Run LinearBias through ctypes (MindSpore's calling convention); the max error against numpy."""
+    lib = ctypes.CDLL(library)
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    y = np.empty((m, n), dtype=np.float32)
+    arrays = [x, w, b, y]
+    params = (ctypes.c_void_p * 4)(*[a.ctypes.data for a in arrays])
+    shapes = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+    shape_ptrs = (ctypes.POINTER(ctypes.c_int64) * 4)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64))
+                                                          for s in shapes])
+    ndims = (ctypes.c_int * 4)(*[a.ndim for a in arrays])
+    dtypes = (ctypes.c_char_p * 4)(*[b"float32"] * 4)
+    assert lib.LinearBias(4, params, ndims, shape_ptrs, dtypes, None, None) == 0
+    return float(np.abs(y - (x.astype(np.float64) @ w.T + b)).max())
+
+
+def _child(library: str, queue: mp.Queue) -> None:
+    queue.put(_call_linear(library, 4, 512, 4096, seed=2))
+
+
+@needs_kernels
+def test_a_forked_child_can_still_run_the_kernel():
+    """The pool's worker threads do not survive fork(); the child must not wait for them."""
+    library = str(native_kernels().library)
+    assert _call_linear(library, 4, 512, 4096, seed=1) < 1e-3  # the parent's pool has started its workers
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child, args=(library, queue))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in the kernel")
+    assert child.exitcode == 0 and queue.get(timeout=5) < 1e-3
+
+
+def test_disabled_kernels_fall_back_or_fail_clearly(hf_tiny, monkeypatch):
+    from wizardcoder_plugin.config import load_config
+    from wizardcoder_plugin.generate import GenerationConfig, Generator
+    from wizardcoder_plugin.runtime import build_model
+
+    net = build_model("custom", load_config(hf_tiny / "config.json"), hf_tiny)
+    monkeypatch.setenv("ZOO_NATIVE_KERNELS", "0")
+    kernels._load.cache_clear()
+    try:
+        gen = Generator(net, eos_token_id=10**6, pad_token_id=49152, max_batch=1)
+        gen.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=2))
+        assert gen.head_choice[1] in ("tied", "transposed") and "ZOO_NATIVE_KERNELS=0" in gen.native_unavailable
+        forced = Generator(net, eos_token_id=10**6, pad_token_id=49152, max_batch=1, kernels="native")
+        with pytest.raises(InputError, match="ZOO_NATIVE_KERNELS=0"):
+            forced.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=2))
+    finally:
+        kernels._load.cache_clear()
+    with pytest.raises(InputError, match="unknown kernels"):
+        Generator(net, eos_token_id=1, pad_token_id=49152, kernels="fast")
