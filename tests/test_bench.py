@@ -31,6 +31,7 @@ def test_bench_against_hf(tmp_path, hf_tiny):
                 kernels, layout = x["extra"]["kernels"], x["extra"].get("head_layout")
                 assert kernels in ("native", "mindspore")
                 assert (layout in ("tied", "transposed")) == (kernels == "mindspore")
+                assert (x["extra"].get("kernel_threads", 0) >= 1) == (kernels == "native")
         elif not os.environ.get("OMP_NUM_THREADS"):
             # the reference's own process uses every CPU, not MindSpore's C-level OMP_NUM_THREADS=1
             assert x["extra"]["threads"] == len(os.sched_getaffinity(0))

@@ -43,22 +43,28 @@ def test_logits_match_hf_with_right_padded_batch(fixture, request):
     assert np.abs(ours - ref).max() <= 1e-4  # padded positions too: the masking semantics are HF's
 
 
+@pytest.mark.parametrize("kernels", ["mindspore", "native"])
 @pytest.mark.parametrize("fixture", ["hf_tiny", "hf_mha"])
-def test_prefill_and_decode_cells_equal_full_forward(fixture, request):
+def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     """The cached path (prefill, then decode steps writing the caches in place) against HF's full forward, for
-    multi-query and multi-head caches; the greedy decode graph returns the argmax of the same logits."""
+    multi-query and multi-head caches (tanh and exact GELU), on MindSpore's kernels and on the native decode
+    blocks; the greedy decode graph returns the argmax of the same logits."""
     ms = init_mindspore()
+    from wizardcoder_plugin.kernels import availability, native_kernels
     from wizardcoder_plugin.modeling import DecodeCell, KVCache, PrefillCell
 
+    if kernels == "native" and not availability()[0]:
+        pytest.skip(f"native kernels unavailable here: {availability()[1]}")
+    native = native_kernels() if kernels == "native" else None
     ckpt = request.getfixturevalue(fixture)
     cfg = load_config(ckpt / "config.json")
     net = build_model("custom", cfg, ckpt)
     rng = np.random.default_rng(1)
     full = rng.integers(0, cfg.vocab_size - 1, size=(2, 12)).astype(np.int32)
     lengths = np.array([9, 6], dtype=np.int32)
-    cache = KVCache(cfg, 2, 64, ms.float32, f"test-{fixture}")
-    prefill, decode = PrefillCell(net, cache), DecodeCell(net, cache)
-    greedy = DecodeCell(net, cache, greedy=True)
+    cache = KVCache(cfg, 2, 64, ms.float32, f"test-{fixture}-{kernels}")
+    prefill, decode = PrefillCell(net, cache), DecodeCell(net, cache, native=native)
+    greedy = DecodeCell(net, cache, greedy=True, native=native)
     prompt = np.where(np.arange(12)[None] < lengths[:, None], full, cfg.pad_token_id).astype(np.int32)
     got = [prefill(ms.Tensor(prompt[:, :10]), ms.Tensor(lengths)).asnumpy()]
     picked = []

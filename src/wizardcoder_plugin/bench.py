@@ -50,9 +50,7 @@ class _Ours:
         t0 = time.perf_counter()
         outs = self.gen.generate(prompts, GenerationConfig(max_new_tokens=new))  # type: ignore[attr-defined]
         total = time.perf_counter() - t0
-        choice = getattr(self.gen, "head_choice", {}).get(len(prompts))  # online graphs: kernels, head layout
-        picked = {} if choice is None else {"kernels": "native"} if choice == "native" else {
-            "kernels": "mindspore", "head_layout": choice}
+        picked = self.gen.decode_kernels(len(prompts))  # type: ignore[attr-defined]
         return {"total_s": total, "prefill_ms": outs[0].prefill_ms, "decode_tokens_per_s": outs[0].decode_tokens_per_s,
                 "generated": sum(len(o.token_ids) for o in outs), "outputs": [o.token_ids for o in outs], **picked}
 
@@ -182,7 +180,7 @@ def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_
                "warmup_s": round(warmup_s, 3), "repeats": len(runs),
                # the reference's own process; ours: this process (every online/exported engine so far)
                "peak_rss_mb_process": round(runs[-1].get("peak_rss_mb", _peak_rss_mb())),
-               **{k: runs[-1][k] for k in ("threads", "kernels", "head_layout") if k in runs[-1]}})
+               **{k: runs[-1][k] for k in ("threads", "kernels", "kernel_threads", "head_layout") if k in runs[-1]}})
 
 
 def markdown(rows: list[BenchRow]) -> str:

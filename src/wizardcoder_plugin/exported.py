@@ -112,6 +112,9 @@ class ExportedGenerator(Generator):
         self.max_batch = self.batch
         self.eos, self.pad = eos_token_id, pad_token_id
 
+    def decode_kernels(self, batch: int) -> dict[str, object]:
+        return {}  # the backend's runtime decides
+
     def _generate_chunk(self, prompts: list[list[int]], cfg: GenerationConfig, rng: np.random.Generator,
                         on_token: Callable | None, should_stop: Callable | None) -> list[GenerationOutput]:
         if len(prompts) > self.batch:  # run_predict may lower max_batch; never raise it past the graph's batch

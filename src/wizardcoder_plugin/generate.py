@@ -85,15 +85,18 @@ def select_tokens(logits: np.ndarray, history: Sequence[Sequence[int]], cfg: Gen
 HEAD_LAYOUTS = ("auto", "tied", "transposed")
 KERNELS = ("auto", "native", "mindspore")
 _HEAD_COPY_LIMIT = 512 * 2**20  # bytes: above this the copy's memory outweighs what its speed could save
+_NATIVE_BLOCKS_CREDIT = 1.2  # the native head may be this much slower and still win: its blocks are faster
 
 
 class Generator:
     """Compiled graphs are cached per shape bucket and reused across calls.
 
-    `kernels` says what runs the decode graphs' linear layers and LM head: "mindspore" (its MatMul), "native"
-    (the multi-threaded small-row kernel of `kernels/linear.cc`, CPU and fp32 only, compiled on first use), or
-    "auto": on CPU in fp32, time the LM head both ways once per batch size and keep the faster (MindSpore's CPU
-    MatMul runs a one-row product on one core; measured on one Xeon the native head was 1.3-2x faster).
+    `kernels` says what runs the decode graphs: "mindspore" (its own kernels), "native" (`kernels/decode.cc`:
+    each block as two native calls on multi-threaded small-row linear layers, and the LM head on the same linear
+    kernel; CPU and fp32 only, compiled on first use), or "auto": on CPU in fp32, time the LM head both ways once
+    per batch size and keep native unless its head is more than 1.2x slower (MindSpore's CPU MatMul runs a
+    few-row product on one core, and each of its ~24 kernels per layer costs a launch; measured on one Xeon the
+    native decode step was 1.4-1.8x faster).
     `head_layout` says how MindSpore's MatMul reads the tied LM head: "tied" (the embedding [V,E] as stored),
     "transposed" (a copy [E,V]), or "auto": time both. Which wins depends on the kernel and the shape (measured on
     one Xeon: the copy 1.3x faster for one row at hidden 256, the stored layout 1.5x faster for 8 rows at hidden
@@ -182,7 +185,19 @@ class Generator:
         best = {name: min(t for (n, _), t in timed.items() if n == name) for name in candidates}
         if "transposed" in best and best["transposed"] >= 0.9 * best.get("tied", float("inf")):
             del best["transposed"]  # only a clear win pays for the copy's memory
+        if "native" in best:  # the native blocks come with it: 1.4-1.8x MindSpore's kernels where measured
+            best["native"] /= _NATIVE_BLOCKS_CREDIT
         return min(best, key=best.__getitem__)
+
+    def decode_kernels(self, batch: int) -> dict[str, object]:
+        """What `batch`-row decode graphs run on, for reports: {"kernels": "native", "kernel_threads": n} or
+        {"kernels": "mindspore", "head_layout": "tied" | "transposed"}; {} before they are built."""
+        choice = self.head_choice.get(batch)
+        if choice is None:
+            return {}
+        if choice == "native":
+            return {"kernels": "native", "kernel_threads": self._native.threads}  # type: ignore[attr-defined]
+        return {"kernels": "mindspore", "head_layout": choice}
 
     def sync_weights(self) -> None:
         """Refresh the transposed head copy from the model's current embedding (after an in-place weight change)."""

@@ -133,10 +133,7 @@ class GPTBigCodeAttention(nn.Cell):
         """(scaled query [B,S,H*d], key [B,S,kv*d], value [B,S,kv*d]). HF's fused `c_attn` rows differ by variant:
         multi-query [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d). `narrow` (the CPU
         Slice kernel, <1 us) rather than `split` (StridedSlice, up to ~45 us per piece on CPU)."""
-        return self.split_fused(self.c_attn(hidden))
-
-    def split_fused(self, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`split_qkv` after the `c_attn` product."""
+        fused = self.c_attn(hidden)
         if self.multi_query:
             q = ops.narrow(fused, -1, 0, self.embed_dim)
             k = ops.narrow(fused, -1, self.embed_dim, self.kv_dim)
@@ -335,11 +332,14 @@ class DecodeCell(_CachedCell):
                  head_t: Parameter | None = None, native: object | None = None) -> None:
         super().__init__(model, cache, head_t)
         self.greedy = greedy
-        # `native` (kernels.NativeKernels): every linear layer and the LM head through the native small-row
-        # kernel, which uses every core where MindSpore's CPU MatMul uses one for a few rows
+        # `native` (kernels.NativeKernels): each block as two native calls (attention half, MLP half) and the LM
+        # head on the native small-row linear kernel: 4 kernels per layer instead of ~24, on every core
         self.use_native = native is not None
-        self.native_linear_bias = native.linear_bias if native is not None else None
-        self.native_linear = native.linear if native is not None else None
+        if native is not None:
+            self.native_linear, self.attn_block, self.mlp_block = native.linear, native.attn_block, native.mlp_block
+            cfg = model.config
+            self.native_meta = Tensor(np.array([cfg.layer_norm_epsilon, cfg.activation_function == "gelu"],
+                                               dtype=np.float32))
         self.slots = Tensor(np.arange(cache.max_len, dtype=np.int32))
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.scores_2d = ops.MatMul(transpose_b=True)
@@ -365,34 +365,40 @@ class DecodeCell(_CachedCell):
             out = ops.bmm(probs.reshape(rows, groups, -1), values)
         return out.reshape(b, 1, self.n_head * self.head_dim)
 
-    def dense(self, layer: Linear, x: Tensor) -> Tensor:
-        """layer(x) for x [B,1,in] -> [B,1,out]."""
-        if not self.use_native:
-            return layer(x)
-        b = x.shape[0]
-        return self.native_linear_bias(x.reshape(b, -1), layer.weight, layer.bias).reshape(b, 1, -1)
-
-    def head(self, hidden: Tensor) -> Tensor:
-        """[B,1,E] -> fp32 logits [B,V]."""
+    def native_blocks(self, hidden: Tensor, positions: Tensor) -> Tensor:
+        """The blocks on the native kernels: hidden [B,1,E] -> [B,E]; each block's new key and value are written
+        into its caches after the attention call that used them."""
         b = hidden.shape[0]
-        if not self.use_native:
-            return self.model.lm_head(hidden, self.head_t).reshape(b, -1)
-        return self.native_linear(hidden.reshape(b, -1), self.model.transformer.wte.weight)
+        rows = self.cache_rows(positions.reshape(b, 1)).reshape(-1)
+        hidden = hidden.reshape(b, -1)
+        for i, block in enumerate(self.model.transformer.h):
+            attn, mlp = block.attn, block.mlp
+            hidden, k, v = self.attn_block(hidden, block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight,
+                                           attn.c_attn.bias, self.keys[i], self.values[i], positions,
+                                           attn.c_proj.weight, attn.c_proj.bias, self.native_meta)
+            written = (self.update(self.keys[i], rows, k), self.update(self.values[i], rows, v))
+            hidden = ops.depend(self.mlp_block(hidden, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight,
+                                               mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+                                               self.native_meta), written)
+        return hidden
 
     def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         b = input_ids.shape[0]
         tr = self.model.transformer
-        rows = self.cache_rows(positions.reshape(b, 1))
-        bias = (self.slots.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * _MASK_MIN
         hidden = tr.embed(input_ids, positions.reshape(b, 1))
-        for i, block in enumerate(tr.h):
-            attn, mlp = block.attn, block.mlp
-            q, k, v = attn.split_fused(self.dense(attn.c_attn, block.ln_1(hidden)))
-            keys, values = self.write(i, rows, k, v)
-            out = self.attend(q, keys, values, bias)
-            hidden = hidden + self.dense(attn.c_proj, out)
-            hidden = hidden + self.dense(mlp.c_proj, mlp.act(self.dense(mlp.c_fc, block.ln_2(hidden))))
-        logits = self.head(tr.ln_f(hidden))
+        if self.use_native:
+            logits = self.native_linear(tr.ln_f(self.native_blocks(hidden, positions)), tr.wte.weight)
+        else:
+            rows = self.cache_rows(positions.reshape(b, 1))
+            bias = (self.slots.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * _MASK_MIN
+            for i, block in enumerate(tr.h):
+                attn = block.attn
+                q, k, v = attn.split_qkv(block.ln_1(hidden))
+                keys, values = self.write(i, rows, k, v)
+                out = self.attend(q, keys, values, bias)
+                hidden = hidden + attn.c_proj(out)
+                hidden = hidden + block.mlp(block.ln_2(hidden))
+            logits = self.model.lm_head(tr.ln_f(hidden), self.head_t).reshape(b, -1)
         if self.greedy:
             return self.argmax(logits)[0]
         return logits

@@ -1,9 +1,10 @@
-"""Native CPU kernels for decoding: `linear.cc` (a multi-threaded small-row linear layer, see its header for why),
-compiled on first use with the machine's C++ compiler and run inside MindSpore graphs as Custom "aot" ops.
+"""Native CPU kernels for decoding: `decode.cc` (multi-threaded small-row linear layers and, on them, a
+GPTBigCode block's decode step in two calls; its header says why), compiled on first use with the machine's C++
+compiler and run inside MindSpore graphs as Custom "aot" ops.
 
 The library is built once per (source, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
 `~/.cache/zoo/kernels`), written atomically. Without a compiler, off x86-64/aarch64 Linux, or with
-`ZOO_NATIVE_KERNELS=0`, `native_kernels()` says why and decoding keeps MindSpore's own MatMul.
+`ZOO_NATIVE_KERNELS=0`, `native_kernels()` says why and decoding keeps MindSpore's own kernels.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("linear.cc")
+SOURCE = Path(__file__).with_name("decode.cc")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 
 
@@ -28,11 +29,13 @@ class KernelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class NativeKernels:
-    """The compiled library and the two Custom primitives built on it (fp32, 2-D operands)."""
+    """The compiled library and the Custom primitives built on it (fp32; the argument lists are in decode.cc)."""
 
     library: Path
-    linear_bias: object  # (x [M,K], W [N,K], b [N]) -> [M,N]
+    threads: int  # the pool's threads, the caller's included (ZOO_KERNEL_THREADS, else the CPUs it may use)
     linear: object  # (x [M,K], W [N,K]) -> [M,N]
+    attn_block: object  # (hidden [B,E], ln_1, c_attn, caches, positions, c_proj, meta) -> (hidden, keys, values)
+    mlp_block: object  # (hidden [B,E], ln_2, c_fc, c_proj, meta) -> hidden
 
 
 def cache_dir() -> Path:
@@ -110,16 +113,23 @@ def _build_and_wrap() -> NativeKernels:
     import ctypes
 
     try:
-        ctypes.CDLL(str(library))  # a broken library fails here, with the loader's message, not inside a graph
+        lib = ctypes.CDLL(str(library))  # a broken library fails here, with the loader's message, not in a graph
     except OSError as exc:
         raise KernelUnavailable(f"loading {library} failed: {exc}") from exc
     from mindspore import ops
 
-    def custom(entry: str, out_shape: object) -> object:
-        return ops.Custom(f"{library}:{entry}", out_shape=out_shape, out_dtype=lambda x, *_: x, func_type="aot")
+    def custom(entry: str, out_shape: object, outputs: int = 1) -> object:
+        dtype = (lambda x, *_: x) if outputs == 1 else (lambda x, *_: [x] * outputs)
+        return ops.Custom(f"{library}:{entry}", out_shape=out_shape, out_dtype=dtype, func_type="aot")
 
-    return NativeKernels(library, custom("LinearBias", lambda x, w, b: [x[0], w[0]]),
-                         custom("Linear", lambda x, w: [x[0], w[0]]))
+    def attn_shapes(hidden: list, _g: list, _b: list, c_attn: list, *rest: list) -> list:
+        d = rest[1][1]  # the key cache [B*kv*T, d]
+        kv_rows = [hidden[0] * ((c_attn[0] - hidden[1]) // 2 // d), d]
+        return [list(hidden), kv_rows, kv_rows]
+
+    return NativeKernels(library, lib.KernelThreads(), custom("Linear", lambda x, w: [x[0], w[0]]),
+                         custom("AttnBlock", attn_shapes, outputs=3),
+                         custom("MlpBlock", lambda hidden, *_: list(hidden)))
 
 
 def availability() -> tuple[bool, str]:
