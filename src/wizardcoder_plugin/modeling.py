@@ -8,7 +8,8 @@ Three entry points share the same blocks:
 - `GPTBigCodeForCausalLM.construct(input_ids, position_ids, attention_mask)`: the cache-free full forward
   (training, parity checks, the no-cache generation path);
 - `PrefillCell` / `DecodeCell` (sharing one `KVCache`): incremental inference with per-layer key and value caches
-  held as Parameters and updated in place with ScatterUpdate, so a decode step moves no cache through the host.
+  held as Parameters and updated in place with ScatterUpdate, so a decode step moves no cache through the host;
+  on CPU the decode step's blocks can run on native kernels (`kernels/decode.cc`, the same math in C++).
 """
 
 from __future__ import annotations
@@ -324,7 +325,8 @@ class DecodeCell(_CachedCell):
 
     Built for few kernels per layer, since MindSpore on CPU pays per kernel: the key is written once and read
     transposed by the score matmul (no cache slice or transpose), the mask is one additive bias computed once per
-    step, and every query head sharing a key/value head is one batched matmul. Its phase is "increment":
+    step, and every query head sharing a key/value head is one batched matmul. With `native` the blocks and the
+    LM head run on the native CPU kernels instead (`native_blocks`: 4 kernels per layer). Its phase is "increment":
     MindSpore then reuses the compiled graph without re-walking the cell tree on every call (fixed input shapes
     per cell make that safe)."""
 

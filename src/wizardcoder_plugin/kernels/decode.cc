@@ -80,7 +80,8 @@ static int default_threads() {
 
 // A fork-join pool: run(job) calls job(0) on the caller and job(1..n-1) on the workers, and returns when all are
 // done. Callers are serialized (MindSpore may call from more than one thread). After fork() the child, which has
-// no copy of the workers, runs every part itself.
+// no copy of the workers, runs every part itself. Workers spin for 300 us after a job (a decode step calls it
+// every few tens of us), then sleep on a condition variable.
 class Pool {
  public:
   explicit Pool(int threads) : n_(threads < 1 ? 1 : threads) {
@@ -88,15 +89,6 @@ class Pool {
       workers_.emplace_back([this, i] { work(i); });
       pthread_setaffinity_np(workers_.back().native_handle(), sizeof kCpus, &kCpus);  // not the creator's pin
     }
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(sleep_mutex_);
-      stop_ = true;
-      epoch_.fetch_add(1, std::memory_order_release);
-    }
-    wake_.notify_all();
-    for (auto &t : workers_) t.join();
   }
   int size() const { return n_; }
 
@@ -133,7 +125,6 @@ class Pool {
         sleeping_.fetch_sub(1, std::memory_order_release);
       }
       seen = epoch_.load(std::memory_order_acquire);
-      if (stop_) return;
       job_(i);
       pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
@@ -147,12 +138,12 @@ class Pool {
   std::atomic<uint64_t> epoch_{0};
   std::atomic<int> pending_{0}, sleeping_{0};
   std::function<void(int)> job_;
-  bool stop_ = false;
 };
 
 static Pool &pool() {
-  static Pool p(default_threads());  // first use: threads start only where a kernel runs
-  return p;
+  // never destroyed: at exit the workers may be waiting, and the process ends them (no join to hang on)
+  static Pool *p = new Pool(default_threads());
+  return *p;
 }
 
 extern "C" int KernelThreads() { return pool().size(); }
