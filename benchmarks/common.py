@@ -33,9 +33,11 @@ def speedups(rows: list[dict]) -> str:
     for r in rows:
         x = r.get("extra", {})
         if "decode_speedup_vs_hf" in x:
+            ran_on = {"native": f", kernels: native ({x.get('kernel_threads')} threads)",
+                      "mindspore": f", kernels: mindspore (head {x.get('head_layout')})"}.get(x.get("kernels"), "")
             lines.append(f"- {r['backend']} b{r['batch_size']} len{r['total_length']}: decode "
                          f"{x['decode_speedup_vs_hf']}x HF, prefill {x['prefill_speedup_vs_hf']}x HF, tokens equal "
-                         f"to HF: {x['tokens_equal_hf']}")
+                         f"to HF: {x['tokens_equal_hf']}{ran_on}")
         elif "step_speedup_vs_hf" in x:
             lines.append(f"- {r['backend']}: training {x['step_speedup_vs_hf']}x HF + torch AdamW")
     return "\n".join(lines)
