@@ -63,7 +63,7 @@ def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     full = rng.integers(0, cfg.vocab_size - 1, size=(2, 12)).astype(np.int32)
     lengths = np.array([9, 6], dtype=np.int32)
     cache = KVCache(cfg, 2, 64, ms.float32, f"test-{fixture}-{kernels}")
-    prefill, decode = PrefillCell(net, cache), DecodeCell(net, cache, native=native)
+    prefill, decode = PrefillCell(net, cache, native=native), DecodeCell(net, cache, native=native)
     greedy = DecodeCell(net, cache, greedy=True, native=native)
     prompt = np.where(np.arange(12)[None] < lengths[:, None], full, cfg.pad_token_id).astype(np.int32)
     got = [prefill(ms.Tensor(prompt[:, :10]), ms.Tensor(lengths)).asnumpy()]

@@ -211,14 +211,14 @@ class Generator:
 
         key = (batch, max_len)
         head_t = self._head_for(batch)
+        native = self._native if self.head_choice[batch] == "native" else None
         if key not in self._cells:
             dtype = self.model.transformer.wte.weight.dtype  # type: ignore[attr-defined]
             cache = KVCache(self.config, batch, max_len, dtype, tag=f"b{batch}t{max_len}")
-            self._cells[key] = {"cache": cache, "prefill": PrefillCell(self.model, cache, head_t)}
+            self._cells[key] = {"cache": cache, "prefill": PrefillCell(self.model, cache, head_t, native)}
         cells = self._cells[key]
         kind = "greedy" if greedy else "logits"
         if kind not in cells:
-            native = self._native if self.head_choice[batch] == "native" else None
             cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy, head_t=head_t, native=native)
         return cells["prefill"], cells[kind]
 

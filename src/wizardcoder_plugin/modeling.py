@@ -264,15 +264,27 @@ class KVCache(nn.Cell):
 class _CachedCell(nn.Cell):
     """What prefill and decode share: the model, its caches, and the per-head layout of a key/value write."""
 
-    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None) -> None:
+    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None,
+                 native: object | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.model = model
         self.head_t = head_t  # the LM head's transposed copy, where that layout is the faster one
+        # `native` (kernels.NativeKernels): the LM head on the native small-row linear kernel (and, in decoding,
+        # each block as two native calls)
+        self.use_native = native is not None
+        self.native_linear = native.linear if native is not None else None
         self.keys, self.values = cache.keys, cache.values
         self.max_len = cache.max_len
         self.update = ops.ScatterUpdate()
         cfg = model.config
         self.n_head, self.kv_heads, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final LayerNorm and LM head for one position per row: [B,E] -> fp32 logits [B,V]."""
+        hidden = self.model.transformer.ln_f(hidden)
+        if self.use_native:
+            return self.native_linear(hidden, self.model.transformer.wte.weight)
+        return self.model.lm_head(hidden, self.head_t)
 
     def by_head(self, x: Tensor) -> Tensor:
         """[B,S,kv*d] -> [B*kv,S,d] (a reshape for multi-query)."""
@@ -316,7 +328,7 @@ class PrefillCell(_CachedCell):
             hidden = hidden + attn.c_proj(out)
             hidden = hidden + block.mlp(block.ln_2(hidden))
         last = ops.stack((ops.arange(0, b, dtype=ms.int32), lengths - 1), axis=-1)
-        return self.model.lm_head(tr.ln_f(ops.gather_nd(hidden, last)), self.head_t)
+        return self.head(ops.gather_nd(hidden, last))
 
 
 class DecodeCell(_CachedCell):
@@ -332,13 +344,11 @@ class DecodeCell(_CachedCell):
 
     def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, greedy: bool = False,
                  head_t: Parameter | None = None, native: object | None = None) -> None:
-        super().__init__(model, cache, head_t)
+        super().__init__(model, cache, head_t, native)
         self.greedy = greedy
-        # `native` (kernels.NativeKernels): each block as two native calls (attention half, MLP half) and the LM
-        # head on the native small-row linear kernel: 4 kernels per layer instead of ~24, on every core
-        self.use_native = native is not None
+        # native: each block as two calls (attention half, MLP half): 4 kernels per layer instead of ~24
         if native is not None:
-            self.native_linear, self.attn_block, self.mlp_block = native.linear, native.attn_block, native.mlp_block
+            self.attn_block, self.mlp_block = native.attn_block, native.mlp_block
             cfg = model.config
             self.native_meta = Tensor(np.array([cfg.layer_norm_epsilon, cfg.activation_function == "gelu"],
                                                dtype=np.float32))
@@ -389,7 +399,7 @@ class DecodeCell(_CachedCell):
         tr = self.model.transformer
         hidden = tr.embed(input_ids, positions.reshape(b, 1))
         if self.use_native:
-            logits = self.native_linear(tr.ln_f(self.native_blocks(hidden, positions)), tr.wte.weight)
+            logits = self.head(self.native_blocks(hidden, positions))
         else:
             rows = self.cache_rows(positions.reshape(b, 1))
             bias = (self.slots.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * _MASK_MIN
@@ -400,7 +410,7 @@ class DecodeCell(_CachedCell):
                 out = self.attend(q, keys, values, bias)
                 hidden = hidden + attn.c_proj(out)
                 hidden = hidden + block.mlp(block.ln_2(hidden))
-            logits = self.model.lm_head(tr.ln_f(hidden), self.head_t).reshape(b, -1)
+            logits = self.head(hidden.reshape(b, -1))
         if self.greedy:
             return self.argmax(logits)[0]
         return logits
