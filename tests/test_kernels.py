@@ -138,3 +138,41 @@ def test_disabled_kernels_fall_back_or_fail_clearly(hf_tiny, monkeypatch):
         kernels._load.cache_clear()
     with pytest.raises(InputError, match="unknown kernels"):
         Generator(net, eos_token_id=1, pad_token_id=49152, kernels="fast")
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3, 7, 96), (2, 300, 256)])  # one thread; the pool
+def test_layer_norm_forward_and_backward_equal_torch(shape):
+    """The native LayerNorm (used for training on CPU) and its backward against torch autograd."""
+    import mindspore as ms
+    import torch
+    from mindspore import ops
+
+    from wizardcoder_plugin.modeling import LayerNorm
+    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.train import _native_layer_norm
+
+    init_mindspore()
+    rng = np.random.default_rng(4)
+    x, dy = (rng.standard_normal(shape, dtype=np.float32) * 3 + 1 for _ in range(2))
+    g, b = rng.standard_normal(shape[-1], dtype=np.float32), rng.standard_normal(shape[-1], dtype=np.float32)
+    ln = LayerNorm(shape[-1], 1e-5)
+    ln.weight.set_data(ms.Tensor(g))
+    ln.bias.set_data(ms.Tensor(b))
+    ln.use_native(native_kernels().layer_norm)
+    grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
+    y = ln(ms.Tensor(x)).asnumpy()
+    (dx,), (dg, db) = grad(ln, ms.ParameterTuple(ln.trainable_params()))(ms.Tensor(x), ms.Tensor(dy))
+    tx, tg, tb = (torch.tensor(a, requires_grad=True) for a in (x, g, b))
+    ty = torch.nn.functional.layer_norm(tx, (shape[-1],), tg, tb, 1e-5)
+    ty.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, ty.detach().numpy(), atol=1e-5)
+    for ours, ref in ((dx, tx.grad), (dg, tg.grad), (db, tb.grad)):
+        np.testing.assert_allclose(ours.asnumpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+
+    from wizardcoder_plugin.config import PRESETS
+    from wizardcoder_plugin.modeling import GPTBigCodeForCausalLM
+
+    net = GPTBigCodeForCausalLM(PRESETS["wizardcoder-tiny"].model_copy(update={"n_layer": 1}))
+    assert _native_layer_norm(net)  # the trainer's switch: every LayerNorm of the model
+    assert all(c.native is not None for _, c in net.cells_and_names() if isinstance(c, LayerNorm))

@@ -91,7 +91,7 @@ _NATIVE_BLOCKS_CREDIT = 1.2  # the native head may be this much slower and still
 class Generator:
     """Compiled graphs are cached per shape bucket and reused across calls.
 
-    `kernels` says what runs the decode graphs: "mindspore" (its own kernels), "native" (`kernels/decode.cc`:
+    `kernels` says what runs the decode graphs: "mindspore" (its own kernels), "native" (`kernels/cpu.cc`:
     each block as two native calls on multi-threaded small-row linear layers, and the LM head on the same linear
     kernel; CPU and fp32 only, compiled on first use), or "auto": on CPU in fp32, time the LM head both ways once
     per batch size and keep native unless its head is more than 1.2x slower (MindSpore's CPU MatMul runs a

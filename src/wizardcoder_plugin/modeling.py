@@ -9,7 +9,7 @@ Three entry points share the same blocks:
   (training, parity checks, the no-cache generation path);
 - `PrefillCell` / `DecodeCell` (sharing one `KVCache`): incremental inference with per-layer key and value caches
   held as Parameters and updated in place with ScatterUpdate, so a decode step moves no cache through the host;
-  on CPU the decode step's blocks can run on native kernels (`kernels/decode.cc`, the same math in C++).
+  on CPU the decode step's blocks can run on native kernels (`kernels/cpu.cc`, the same math in C++).
 """
 
 from __future__ import annotations
@@ -42,16 +42,26 @@ class Linear(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """LayerNorm over the last axis, always computed in fp32."""
+    """LayerNorm over the last axis, always computed in fp32; on MindSpore's kernel, or on the native CPU one
+    (`use_native`: the same math, with a backward ~15x faster than MindSpore's LayerNormGrad on CPU)."""
 
     def __init__(self, hidden: int, eps: float) -> None:
         super().__init__()
         self.weight = Parameter(initializer("ones", (hidden,), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (hidden,), ms.float32), name="bias")
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.native = None
+        self.eps = Tensor(np.array([eps], dtype=np.float32))
+
+    def use_native(self, native_layer_norm: object) -> None:
+        """Run on `kernels.NativeKernels.layer_norm` from now on (before the graphs using it compile)."""
+        self.native = native_layer_norm
 
     def construct(self, x: Tensor) -> Tensor:
-        y, _, _ = self.norm(x.astype(ms.float32), self.weight.astype(ms.float32), self.bias.astype(ms.float32))
+        x32, w, b = x.astype(ms.float32), self.weight.astype(ms.float32), self.bias.astype(ms.float32)
+        if self.native is not None:
+            return self.native(x32, w, b, self.eps).astype(x.dtype)
+        y, _, _ = self.norm(x32, w, b)
         return y.astype(x.dtype)
 
 
@@ -224,6 +234,12 @@ class GPTBigCodeForCausalLM(nn.Cell):
         flat = hidden.reshape(-1, shape[-1]).astype(wte.dtype)
         logits = self.head_matmul(flat, wte) if weight_t is None else self.head_matmul_t(flat, weight_t)
         return logits.astype(ms.float32).reshape(shape[:-1] + (logits.shape[-1],))
+
+    def use_native_layer_norm(self, native: object) -> None:
+        """Every LayerNorm on the native CPU kernel (`native`: kernels.NativeKernels); for training on CPU."""
+        for cell in self.cells_and_names():
+            if isinstance(cell[1], LayerNorm):
+                cell[1].use_native(native.layer_norm)  # type: ignore[attr-defined]
 
     def transposed_head(self) -> Parameter:
         """A copy of the tied embedding as [E, V], for `lm_head(weight_t=...)`: a snapshot of the current weights,

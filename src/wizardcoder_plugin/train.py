@@ -127,6 +127,19 @@ def _load_params(params: list, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
+def _native_layer_norm(model: object) -> bool:
+    """On CPU, put every LayerNorm on the native kernel (MindSpore's CPU LayerNormGrad is the slow part);
+    whether it was done (not without a compiler, off CPU, or with ZOO_NATIVE_KERNELS=0)."""
+    import mindspore as ms
+
+    from .kernels import availability, native_kernels
+
+    if ms.get_context("device_target") != "CPU" or not availability()[0]:
+        return False
+    model.use_native_layer_norm(native_kernels())  # type: ignore[attr-defined]
+    return True
+
+
 class Trainer:
     def __init__(self, settings: TrainSettings, config: GPTBigCodeConfig, model_name: str, pad_token_id: int,
                  progress: bool = True) -> None:
@@ -146,6 +159,7 @@ class Trainer:
         self.model = build_model(model_name, config, settings.weights, settings.precision, seed=settings.seed,
                                  allow_random=settings.mode == "pretrain")
         self.model.set_train(True)
+        self.native_layer_norm = _native_layer_norm(self.model)
         if settings.parallel.recompute:  # activation checkpointing per block: memory for compute, same numbers
             for block in self.model.transformer.h:
                 block.recompute()

@@ -1,6 +1,6 @@
-"""Native CPU kernels for decoding: `decode.cc` (multi-threaded small-row linear layers and, on them, a
-GPTBigCode block's decode step in two calls; its header says why), compiled on first use with the machine's C++
-compiler and run inside MindSpore graphs as Custom "aot" ops.
+"""Native CPU kernels: `cpu.cc` (multi-threaded small-row linear layers and, on them, a GPTBigCode block's
+decode step in two calls; LayerNorm forward and backward for training; its header says why), compiled on first use
+with the machine's C++ compiler and run inside MindSpore graphs as Custom "aot" ops.
 
 The library is built once per (source, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
 `~/.cache/zoo/kernels`), written atomically. Without a compiler, off x86-64/aarch64 Linux, or with
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("decode.cc")
+SOURCE = Path(__file__).with_name("cpu.cc")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 
 
@@ -29,13 +29,14 @@ class KernelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class NativeKernels:
-    """The compiled library and the Custom primitives built on it (fp32; the argument lists are in decode.cc)."""
+    """The compiled library and the Custom primitives built on it (fp32; the argument lists are in cpu.cc)."""
 
     library: Path
     threads: int  # the pool's threads, the caller's included (ZOO_KERNEL_THREADS, else the CPUs it may use)
     linear: object  # (x [M,K], W [N,K]) -> [M,N]
     attn_block: object  # (hidden [B,E], ln_1, c_attn, caches, positions, c_proj, meta) -> (hidden, keys, values)
     mlp_block: object  # (hidden [B,E], ln_2, c_fc, c_proj, meta) -> hidden
+    layer_norm: object  # (x [..., E], weight, bias, meta [eps]) -> y, differentiable (native backward)
 
 
 def cache_dir() -> Path:
@@ -127,9 +128,17 @@ def _build_and_wrap() -> NativeKernels:
         kv_rows = [hidden[0] * ((c_attn[0] - hidden[1]) // 2 // d), d]
         return [list(hidden), kv_rows, kv_rows]
 
+    layer_norm_backward = custom("LayerNormBackward", lambda x, g, *_: [list(x), list(g), list(g)], outputs=3)
+
+    def layer_norm_bprop(x: object, g: object, b: object, meta: object, out: object, dout: object) -> tuple:
+        dx, dg, db = layer_norm_backward(x, g, dout, meta)
+        return dx, dg, db, ops.zeros_like(meta)
+
+    layer_norm = ops.Custom(f"{library}:LayerNormForward", out_shape=lambda x, *_: x, out_dtype=lambda x, *_: x,
+                            func_type="aot", bprop=layer_norm_bprop)
     return NativeKernels(library, lib.KernelThreads(), custom("Linear", lambda x, w: [x[0], w[0]]),
                          custom("AttnBlock", attn_shapes, outputs=3),
-                         custom("MlpBlock", lambda hidden, *_: list(hidden)))
+                         custom("MlpBlock", lambda hidden, *_: list(hidden)), layer_norm)
 
 
 def availability() -> tuple[bool, str]:
