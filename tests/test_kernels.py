@@ -148,9 +148,9 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
     import torch
     from mindspore import ops
 
-    from wizardcoder_plugin.modeling import LayerNorm
+    from wizardcoder_plugin.modeling import Activation, LayerNorm
     from wizardcoder_plugin.runtime import init_mindspore
-    from wizardcoder_plugin.train import _native_layer_norm
+    from wizardcoder_plugin.train import _native_training_kernels
 
     init_mindspore()
     rng = np.random.default_rng(4)
@@ -174,5 +174,31 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
     from wizardcoder_plugin.modeling import GPTBigCodeForCausalLM
 
     net = GPTBigCodeForCausalLM(PRESETS["wizardcoder-tiny"].model_copy(update={"n_layer": 1}))
-    assert _native_layer_norm(net)  # the trainer's switch: every LayerNorm of the model
-    assert all(c.native is not None for _, c in net.cells_and_names() if isinstance(c, LayerNorm))
+    assert _native_training_kernels(net)  # the trainer's switch: every LayerNorm and activation of the model
+    assert all(c.native is not None for _, c in net.cells_and_names() if isinstance(c, LayerNorm | Activation))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["gelu_pytorch_tanh", "gelu"])
+def test_gelu_forward_and_backward_equal_torch(name):
+    """The native GELU (training on CPU), both forms, against torch autograd; above and below the pool's cutoff."""
+    import mindspore as ms
+    import torch
+    from mindspore import ops
+
+    from wizardcoder_plugin.modeling import Activation
+    from wizardcoder_plugin.runtime import init_mindspore
+
+    init_mindspore()
+    act = Activation(name)
+    act.native = native_kernels().gelu
+    grad = ops.GradOperation(sens_param=True)
+    rng = np.random.default_rng(7)
+    for shape in ((5, 33), (64, 3072)):
+        x, dy = rng.standard_normal(shape, dtype=np.float32) * 4, rng.standard_normal(shape, dtype=np.float32)
+        tx = torch.tensor(x, requires_grad=True)
+        ty = torch.nn.functional.gelu(tx, approximate="tanh" if name != "gelu" else "none")
+        ty.backward(torch.tensor(dy))
+        np.testing.assert_allclose(act(ms.Tensor(x)).asnumpy(), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+        dx = grad(act)(ms.Tensor(x), ms.Tensor(dy)).asnumpy()
+        np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-4, atol=1e-5)

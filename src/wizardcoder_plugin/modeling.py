@@ -132,8 +132,12 @@ class Activation(nn.Cell):
         self.inv_sqrt2 = 1.0 / math.sqrt(2.0)
         self.c1 = 2.0 * math.sqrt(2.0 / math.pi)
         self.c3 = self.c1 * 0.044715
+        self.native = None  # kernels.NativeKernels.gelu: one pass forward and one backward (training on CPU)
+        self.meta = Tensor(np.array([self.exact], dtype=np.float32))
 
     def construct(self, x: Tensor) -> Tensor:
+        if self.native is not None:
+            return self.native(x.astype(ms.float32), self.meta).astype(x.dtype)
         if self.exact:
             return 0.5 * x * (1.0 + ops.erf(x * self.inv_sqrt2))
         return x * ops.sigmoid(x * (self.c1 + self.c3 * (x * x)))
@@ -289,11 +293,14 @@ class GPTBigCodeForCausalLM(nn.Cell):
         logits = self.head_matmul(flat, wte) if weight_t is None else self.head_matmul_t(flat, weight_t)
         return logits.astype(ms.float32).reshape(shape[:-1] + (logits.shape[-1],))
 
-    def use_native_layer_norm(self, native: object) -> None:
-        """Every LayerNorm on the native CPU kernel (`native`: kernels.NativeKernels); for training on CPU."""
-        for cell in self.cells_and_names():
-            if isinstance(cell[1], LayerNorm):
-                cell[1].use_native(native.layer_norm)  # type: ignore[attr-defined]
+    def use_native_training_kernels(self, native: object) -> None:
+        """Every LayerNorm and MLP activation on the native CPU kernels (`native`: kernels.NativeKernels), forward
+        and backward: for training on CPU, before its graphs compile."""
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, LayerNorm):
+                cell.use_native(native.layer_norm)  # type: ignore[attr-defined]
+            elif isinstance(cell, Activation):
+                cell.native = native.gelu  # type: ignore[attr-defined]
 
     def transposed_head(self) -> Parameter:
         """A copy of the tied embedding as [E, V], for `lm_head(weight_t=...)`: a snapshot of the current weights,

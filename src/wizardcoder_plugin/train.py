@@ -127,16 +127,17 @@ def _load_params(params: list, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
-def _native_layer_norm(model: object) -> bool:
-    """On CPU, put every LayerNorm on the native kernel (MindSpore's CPU LayerNormGrad is the slow part);
-    whether it was done (not without a compiler, off CPU, or with ZOO_NATIVE_KERNELS=0)."""
+def _native_training_kernels(model: object) -> bool:
+    """On CPU, put every LayerNorm and MLP activation on the native kernels (MindSpore's CPU LayerNormGrad takes
+    ~14 ms per [1024, 768]; its composed GELU is ~15 elementwise passes forward and back); whether it was done
+    (not without a compiler, off CPU, or with ZOO_NATIVE_KERNELS=0)."""
     import mindspore as ms
 
     from .kernels import availability, native_kernels
 
     if ms.get_context("device_target") != "CPU" or not availability()[0]:
         return False
-    model.use_native_layer_norm(native_kernels())  # type: ignore[attr-defined]
+    model.use_native_training_kernels(native_kernels())  # type: ignore[attr-defined]
     return True
 
 
@@ -195,7 +196,7 @@ class Trainer:
         self.model = build_model(model_name, config, settings.weights, settings.precision, seed=settings.seed,
                                  allow_random=settings.mode == "pretrain")
         self.model.set_train(True)
-        self.native_layer_norm = _native_layer_norm(self.model)
+        self.native_kernels = _native_training_kernels(self.model)
         self.chunked_backwards = _chunked_backwards(self.model, settings.batch_size * seq)
         if settings.parallel.recompute:  # activation checkpointing per block: memory for compute, same numbers
             for block in self.model.transformer.h:

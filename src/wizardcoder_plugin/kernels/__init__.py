@@ -1,6 +1,6 @@
 """Native CPU kernels: `cpu.cc` (multi-threaded small-row linear layers and, on them, a GPTBigCode block's
-decode step in two calls; LayerNorm forward and backward for training; its header says why), compiled on first use
-with the machine's C++ compiler and run inside MindSpore graphs as Custom "aot" ops.
+decode step in two calls; LayerNorm and GELU forward and backward for training; its header says why), compiled
+on first use with the machine's C++ compiler and run inside MindSpore graphs as Custom "aot" ops.
 
 The library is built once per (source, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
 `~/.cache/zoo/kernels`), written atomically. Without a compiler, off x86-64/aarch64 Linux, or with
@@ -37,6 +37,7 @@ class NativeKernels:
     attn_block: object  # (hidden [B,E], ln_1, c_attn, caches, positions, c_proj, meta) -> (hidden, keys, values)
     mlp_block: object  # (hidden [B,E], ln_2, c_fc, c_proj, meta) -> hidden
     layer_norm: object  # (x [..., E], weight, bias, meta [eps]) -> y, differentiable (native backward)
+    gelu: object  # (x, meta [exact]) -> y, differentiable (native backward)
 
 
 def cache_dir() -> Path:
@@ -134,11 +135,20 @@ def _build_and_wrap() -> NativeKernels:
         dx, dg, db = layer_norm_backward(x, g, dout, meta)
         return dx, dg, db, ops.zeros_like(meta)
 
-    layer_norm = ops.Custom(f"{library}:LayerNormForward", out_shape=lambda x, *_: x, out_dtype=lambda x, *_: x,
-                            func_type="aot", bprop=layer_norm_bprop)
+    gelu_backward = custom("GeluBackward", lambda x, *_: list(x))
+
+    def gelu_bprop(x: object, meta: object, out: object, dout: object) -> tuple:
+        return gelu_backward(x, dout, meta), ops.zeros_like(meta)
+
+    def differentiable(entry: str, bprop: object) -> object:
+        return ops.Custom(f"{library}:{entry}", out_shape=lambda x, *_: x, out_dtype=lambda x, *_: x,
+                          func_type="aot", bprop=bprop)
+
     return NativeKernels(library, lib.KernelThreads(), custom("Linear", lambda x, w: [x[0], w[0]]),
                          custom("AttnBlock", attn_shapes, outputs=3),
-                         custom("MlpBlock", lambda hidden, *_: list(hidden)), layer_norm)
+                         custom("MlpBlock", lambda hidden, *_: list(hidden)),
+                         differentiable("LayerNormForward", layer_norm_bprop),
+                         differentiable("GeluForward", gelu_bprop))
 
 
 def availability() -> tuple[bool, str]:

@@ -1,6 +1,6 @@
 // Native fp32 CPU kernels: small-row linear layers y[M,N] = x[M,K] . W[N,K]^T (+ b[N]) with W in HF's [out, in]
-// layout, on them a GPTBigCode block's decode step (attention half, MLP half), and LayerNorm forward and backward
-// for training.
+// layout, on them a GPTBigCode block's decode step (attention half, MLP half), and LayerNorm and GELU forward and
+// backward for training.
 //
 // Why it exists: MindSpore 2.9's CPU MatMul runs a one-row product on one core, so a decode step reads its weights
 // at one core's bandwidth. Here the output columns are split between the calling thread and a small pool of its
@@ -492,5 +492,68 @@ extern "C" int LayerNormBackward(int nparam, void **params, int *ndims, int64_t 
     dg[i] = sg;
     db[i] = sb;
   }
+  return 0;
+}
+
+// ----------------------------------------------------------------------------------------------- GELU (training)
+// MindSpore runs the composed GELU as ~5 elementwise kernels forward and ~10 backward over [rows, 4*hidden]
+// (each a full pass over memory); these are one pass each. Tanh form (HF's gelu_pytorch_tanh) as x sigmoid(2z),
+// z = sqrt(2/pi) (x + 0.044715 x^3), or the exact erf form.
+
+constexpr float kTanhC = 0.79788456080286536f, kTanhA = 0.044715f;
+
+template <class F>
+static void elementwise(int64_t n, F &&f) {
+  Pool &p = pool();
+  const int64_t T = n < kSerialWork ? 1 : p.size();
+  if (T == 1) return f(0, n);
+  p.run([&](int t) { f(n * t / T, n * (t + 1) / T); });
+}
+
+// params: x [...], meta [exact] -> y [...]
+extern "C" int GeluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                           void *) {
+  if (nparam != 3 || !fp32(dtypes[0])) return 1;
+  int64_t n = 1;
+  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const float *x = static_cast<const float *>(params[0]);
+  const bool exact = static_cast<const float *>(params[1])[0] != 0.f;
+  float *y = static_cast<float *>(params[2]);
+  elementwise(n, [&](int64_t lo, int64_t hi) {
+    if (exact) {
+      for (int64_t i = lo; i < hi; ++i) y[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * 0.70710678118654752f));
+      return;
+    }
+    for (int64_t i = lo; i < hi; ++i) {
+      const float v = x[i];
+      y[i] = v / (1.f + fast_exp(-2.f * kTanhC * (v + kTanhA * v * v * v)));
+    }
+  });
+  return 0;
+}
+
+// params: x [...], dy [...], meta [exact] -> dx [...]
+extern "C" int GeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                            void *) {
+  if (nparam != 4 || !fp32(dtypes[0]) || !fp32(dtypes[1])) return 1;
+  int64_t n = 1;
+  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const float *x = static_cast<const float *>(params[0]), *dy = static_cast<const float *>(params[1]);
+  const bool exact = static_cast<const float *>(params[2])[0] != 0.f;
+  float *dx = static_cast<float *>(params[3]);
+  elementwise(n, [&](int64_t lo, int64_t hi) {
+    if (exact) {  // d/dx 0.5 x (1 + erf(x/sqrt2)) = 0.5 (1 + erf(x/sqrt2)) + x exp(-x^2/2) / sqrt(2 pi)
+      for (int64_t i = lo; i < hi; ++i) {
+        const float v = x[i];
+        dx[i] = dy[i] * (0.5f * (1.f + std::erf(v * 0.70710678118654752f))
+                         + v * std::exp(-0.5f * v * v) * 0.39894228040143268f);
+      }
+      return;
+    }
+    for (int64_t i = lo; i < hi; ++i) {  // d/dx x s(2z) = s + x s (1 - s) 2 dz/dx
+      const float v = x[i], s = 1.f / (1.f + fast_exp(-2.f * kTanhC * (v + kTanhA * v * v * v)));
+      dx[i] = dy[i] * (s + v * s * (1.f - s) * 2.f * kTanhC * (1.f + 3.f * kTanhA * v * v));
+    }
+  });
   return 0;
 }
