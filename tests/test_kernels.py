@@ -74,6 +74,15 @@ def test_compile_error_is_reported_and_nothing_is_left(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+@needs_kernels
+def test_unwritable_cache_is_reported(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("ZOO_KERNEL_CACHE", str(blocker / "kernels"))  # below a regular file: cannot be created
+    with pytest.raises(KernelUnavailable, match="cannot write the kernel cache .*ZOO_KERNEL_CACHE"):
+        build()
+
+
 def test_no_compiler_is_reported(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", "")

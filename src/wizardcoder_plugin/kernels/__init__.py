@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -75,8 +76,12 @@ def build(source: Path = SOURCE) -> Path:
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
+    except OSError as exc:
+        raise KernelUnavailable(f"cannot write the kernel cache {target.parent}: {exc} (set ZOO_KERNEL_CACHE to a "
+                                "writable folder)") from exc
     os.close(fd)
     try:
         done = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
@@ -105,6 +110,9 @@ def _load() -> NativeKernels | KernelUnavailable:
     try:
         return _build_and_wrap()
     except KernelUnavailable as exc:
+        if os.environ.get("ZOO_NATIVE_KERNELS", "1") != "0":  # said once per process: the reason things are slower
+            print(f"note: native CPU kernels unavailable, using MindSpore's: {str(exc).splitlines()[0]}",
+                  file=sys.stderr)
         return exc
 
 
