@@ -91,7 +91,7 @@ def test_no_compiler_is_reported(monkeypatch):
 
 
 def _call_linear(library: str, m: int, k: int, n: int, seed: int) -> float:
-    """Run LinearBias through ctypes (MindSpore's calling convention); the max error against numpy (float64)."""
+    """Run Linear with a bias through ctypes (MindSpore's calling convention); the max error against numpy."""
     lib = ctypes.CDLL(library)
     rng = np.random.default_rng(seed)
     x, w = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
@@ -104,7 +104,7 @@ def _call_linear(library: str, m: int, k: int, n: int, seed: int) -> float:
                                                           for s in shapes])
     ndims = (ctypes.c_int * 4)(*[a.ndim for a in arrays])
     dtypes = (ctypes.c_char_p * 4)(*[b"float32"] * 4)
-    assert lib.LinearBias(4, params, ndims, shape_ptrs, dtypes, None, None) == 0
+    assert lib.Linear(4, params, ndims, shape_ptrs, dtypes, None, None) == 0
     return float(np.abs(y - (x.astype(np.float64) @ w.T + b)).max())
 
 
@@ -168,7 +168,7 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
     ln = LayerNorm(shape[-1], 1e-5)
     ln.weight.set_data(ms.Tensor(g))
     ln.bias.set_data(ms.Tensor(b))
-    ln.use_native(native_kernels().layer_norm)
+    ln.native = native_kernels().layer_norm
     grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
     y = ln(ms.Tensor(x)).asnumpy()
     (dx,), (dg, db) = grad(ln, ms.ParameterTuple(ln.trainable_params()))(ms.Tensor(x), ms.Tensor(dy))

@@ -334,7 +334,7 @@ def test_chunked_backward_gives_the_same_gradients(hf_tiny):
     import torch
     from mindspore import Parameter, ParameterTuple, Tensor
 
-    from wizardcoder_plugin.modeling import ChunkedBackwardDense, DenseGrad, Linear
+    from wizardcoder_plugin.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear
     from wizardcoder_plugin.optim import AccumulateGrads, CausalLMLoss
     from wizardcoder_plugin.runtime import build_model
     from wizardcoder_plugin.train import _chunked_backwards
@@ -343,7 +343,7 @@ def test_chunked_backward_gives_the_same_gradients(hf_tiny):
     x, w, b, dy = (rng.standard_normal(s, dtype=np.float32) for s in ((6, 100), (7, 100), (7,), (6, 7)))
     tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
     torch.nn.functional.linear(tx, tw, tb).backward(torch.tensor(dy))
-    for dense in (None, ChunkedBackwardDense(3)):
+    for dense in (Dense(), ChunkedBackwardDense(3)):
         got = DenseGrad(dense)(*(Tensor(a) for a in (x, w, b, dy)))
         for ours, ref in zip(got, (tx.grad, tw.grad, tb.grad), strict=True):
             np.testing.assert_allclose(ours.asnumpy(), ref.numpy(), rtol=1e-5, atol=1e-5)

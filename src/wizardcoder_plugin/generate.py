@@ -174,6 +174,7 @@ class Generator:
         if len(candidates) == 1:
             return next(iter(candidates))
         from .modeling import LMHeadCell
+        from .runtime import fastest_call
 
         hidden = ms.Tensor(np.random.default_rng(0).standard_normal((batch, wte.shape[1]), dtype=np.float32),
                            dtype=wte.dtype)
@@ -181,7 +182,7 @@ class Generator:
         cells = {(name, i): LMHeadCell(self.model, self._transposed_head() if name == "transposed" else None,
                                        native if name == "native" else None)
                  for name in candidates for i in range(2)}
-        timed = _fastest_call(cells, hidden)
+        timed = fastest_call(cells, (hidden,))
         best = {name: min(t for (n, _), t in timed.items() if n == name) for name in candidates}
         if "transposed" in best and best["transposed"] >= 0.9 * best.get("tied", float("inf")):
             del best["transposed"]  # only a clear win pays for the copy's memory
@@ -292,25 +293,6 @@ class Generator:
         if self._last_token is None:
             self._last_token = LastTokenCell(self.model)
         return self._last_token(ms.Tensor(full), ms.Tensor(lengths.astype(np.int32))).asnumpy()
-
-
-def _fastest_call(cells: dict[object, Callable], x: object, rounds: int = 4, calls: int = 4) -> dict[object, float]:
-    """Each cell's fastest single call (seconds) over blocks of calls, the cells taking turns block by block in an
-    order that flips every round: the minimum resists the noise of a shared machine, blocks keep one cell's weights
-    warm while it is timed, and the flip keeps either from always following the other."""
-    best = {name: float("inf") for name in cells}
-    for cell in cells.values():
-        cell(x).asnumpy()  # compiles
-    order = list(cells.items())
-    for _ in range(rounds):
-        for name, cell in order:
-            cell(x).asnumpy()
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                cell(x).asnumpy()
-                best[name] = min(best[name], time.perf_counter() - t0)
-        order.reverse()
-    return best
 
 
 def decode_loop(prompts: list[list[int]], lengths: np.ndarray, batch: int, max_len: int, logits: np.ndarray,

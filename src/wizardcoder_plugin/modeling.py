@@ -28,8 +28,8 @@ _MASK_MIN = float(np.finfo(np.float32).min)
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b with HF's [out, in] weight layout. `dense` may be swapped for a `ChunkedBackwardDense` (the
-    same product, another backward) by the trainer."""
+    """y = x W^T + b with HF's [out, in] weight layout. The trainer may set `dense` to a `ChunkedBackwardDense`
+    (the same product, another backward)."""
 
     def __init__(self, in_features: int, out_features: int, init_range: float, dtype: ms.Type) -> None:
         super().__init__()
@@ -47,7 +47,14 @@ class Linear(nn.Cell):
         return y.reshape(shape[:-1] + (y.shape[-1],))
 
 
-class ChunkedBackwardDense(nn.Cell):
+class Dense(nn.Cell):
+    """ops.dense(x [M,K], W [N,K], b) as a cell, with autodiff's backward."""
+
+    def construct(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return ops.dense(x, w, b)
+
+
+class ChunkedBackwardDense(Dense):
     """ops.dense(x [M,K], W [N,K], b) whose backward splits the K axis into `chunks` products: dx = dy W and
     dW = dy^T x read W and x as row-major right operands of K columns, which MindSpore's CPU MatMul (oneDNN) runs
     at a third of its speed for some shapes (1024 x 768 x 3072 on one Xeon: 82-92 ms for both products, 39-44 ms
@@ -57,9 +64,6 @@ class ChunkedBackwardDense(nn.Cell):
         super().__init__()
         self.chunks = chunks
         self.matmul_ta = ops.MatMul(transpose_a=True)
-
-    def construct(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return ops.dense(x, w, b)
 
     def bprop(self, x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         k = w.shape[1]
@@ -71,24 +75,13 @@ class ChunkedBackwardDense(nn.Cell):
         return dx, dw, dout.sum(0)
 
 
-class _Dense(nn.Cell):
-    def __init__(self, dense: nn.Cell | None) -> None:
-        super().__init__()
-        self.dense = dense
-
-    def construct(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        if self.dense is None:
-            return ops.dense(x, w, b)
-        return self.dense(x, w, b)
-
-
 class DenseGrad(nn.Cell):
-    """(dx, dW, db) of ops.dense, or of `dense` (a ChunkedBackwardDense), for the sensitivity dy: what the trainer
-    times to choose between them."""
+    """(dx, dW, db) of `dense` (a Dense or a ChunkedBackwardDense) for the sensitivity dy: what the trainer times
+    to choose between them."""
 
-    def __init__(self, dense: nn.Cell | None) -> None:
+    def __init__(self, dense: Dense) -> None:
         super().__init__()
-        self.fn = _Dense(dense)
+        self.fn = dense
         self.grad = ops.GradOperation(get_all=True, sens_param=True)
 
     def construct(self, x: Tensor, w: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -96,8 +89,9 @@ class DenseGrad(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """LayerNorm over the last axis, always computed in fp32; on MindSpore's kernel, or on the native CPU one
-    (`use_native`: the same math, with a backward ~15x faster than MindSpore's LayerNormGrad on CPU)."""
+    """LayerNorm over the last axis, always computed in fp32; on MindSpore's kernel, or on the native CPU one when
+    `native` is set (kernels.NativeKernels.layer_norm: the same math, with a backward ~15x faster than MindSpore's
+    LayerNormGrad on CPU; set before the graphs using it compile)."""
 
     def __init__(self, hidden: int, eps: float) -> None:
         super().__init__()
@@ -106,10 +100,6 @@ class LayerNorm(nn.Cell):
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
         self.native = None
         self.eps = Tensor(np.array([eps], dtype=np.float32))
-
-    def use_native(self, native_layer_norm: object) -> None:
-        """Run on `kernels.NativeKernels.layer_norm` from now on (before the graphs using it compile)."""
-        self.native = native_layer_norm
 
     def construct(self, x: Tensor) -> Tensor:
         x32, w, b = x.astype(ms.float32), self.weight.astype(ms.float32), self.bias.astype(ms.float32)
@@ -284,13 +274,19 @@ class GPTBigCodeForCausalLM(nn.Cell):
         self.head_matmul_t = ops.MatMul()
         self.causal = Tensor(np.tril(np.ones((config.n_positions, config.n_positions), dtype=np.bool_)))
 
-    def lm_head(self, hidden: Tensor, weight_t: Parameter | None = None) -> Tensor:
+    def lm_head(self, hidden: Tensor, weight_t: Parameter | None = None, native_linear: object | None = None) -> Tensor:
         """hidden [..., E] -> fp32 logits [..., V] from the tied embedding [V, E], or from `weight_t`, a transposed
-        copy [E, V] (see `transposed_head`): the same products, in the layout the matmul kernel may read faster."""
+        copy [E, V] (see `transposed_head`), or through `native_linear` (kernels.NativeKernels.linear, reading the
+        embedding as stored): the same products, on the kernel or layout that may read them faster."""
         shape = hidden.shape
         wte = self.transformer.wte.weight
         flat = hidden.reshape(-1, shape[-1]).astype(wte.dtype)
-        logits = self.head_matmul(flat, wte) if weight_t is None else self.head_matmul_t(flat, weight_t)
+        if native_linear is not None:
+            logits = native_linear(flat, wte)
+        elif weight_t is None:
+            logits = self.head_matmul(flat, wte)
+        else:
+            logits = self.head_matmul_t(flat, weight_t)
         return logits.astype(ms.float32).reshape(shape[:-1] + (logits.shape[-1],))
 
     def use_native_training_kernels(self, native: object) -> None:
@@ -298,7 +294,7 @@ class GPTBigCodeForCausalLM(nn.Cell):
         and backward: for training on CPU, before its graphs compile."""
         for _, cell in self.cells_and_names():
             if isinstance(cell, LayerNorm):
-                cell.use_native(native.layer_norm)  # type: ignore[attr-defined]
+                cell.native = native.layer_norm  # type: ignore[attr-defined]
             elif isinstance(cell, Activation):
                 cell.native = native.gelu  # type: ignore[attr-defined]
 
@@ -348,7 +344,6 @@ class _CachedCell(nn.Cell):
         self.head_t = head_t  # the LM head's transposed copy, where that layout is the faster one
         # `native` (kernels.NativeKernels): the LM head on the native small-row linear kernel (and, in decoding,
         # each block as two native calls)
-        self.use_native = native is not None
         self.native_linear = native.linear if native is not None else None
         self.keys, self.values = cache.keys, cache.values
         self.max_len = cache.max_len
@@ -358,10 +353,7 @@ class _CachedCell(nn.Cell):
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final LayerNorm and LM head for one position per row: [B,E] -> fp32 logits [B,V]."""
-        hidden = self.model.transformer.ln_f(hidden)
-        if self.use_native:
-            return self.native_linear(hidden, self.model.transformer.wte.weight)
-        return self.model.lm_head(hidden, self.head_t)
+        return self.model.lm_head(self.model.transformer.ln_f(hidden), self.head_t, self.native_linear)
 
     def by_head(self, x: Tensor) -> Tensor:
         """[B,S,kv*d] -> [B*kv,S,d] (a reshape for multi-query)."""
@@ -475,7 +467,7 @@ class DecodeCell(_CachedCell):
         b = input_ids.shape[0]
         tr = self.model.transformer
         hidden = tr.embed(input_ids, positions.reshape(b, 1))
-        if self.use_native:
+        if self.native_linear is not None:
             logits = self.head(self.native_blocks(hidden, positions))
         else:
             rows = self.cache_rows(positions.reshape(b, 1))
@@ -518,14 +510,9 @@ class LMHeadCell(nn.Cell):
     def __init__(self, model: GPTBigCodeForCausalLM, head_t: Parameter | None, native: object | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.model, self.head_t = model, head_t
-        self.use_native = native is not None
         self.native_linear = native.linear if native is not None else None
         self.argmax = ops.ArgMaxWithValue(axis=-1)
         self.phase = "increment"
 
     def construct(self, hidden: Tensor) -> Tensor:
-        if self.use_native:
-            logits = self.native_linear(hidden, self.model.transformer.wte.weight)
-        else:
-            logits = self.model.lm_head(hidden, self.head_t)
-        return self.argmax(logits)[0]
+        return self.argmax(self.model.lm_head(hidden, self.head_t, self.native_linear))[0]

@@ -147,7 +147,8 @@ def _chunked_backwards(model: object, rows: int, min_features: int = 2048) -> di
     (a >=10% win); {(out, in): chunks} for the shapes that changed. Identical results either way."""
     import mindspore as ms
 
-    from .modeling import ChunkedBackwardDense, DenseGrad, Linear
+    from .modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear
+    from .runtime import fastest_call
 
     if ms.get_context("device_target") != "CPU":
         return {}
@@ -159,17 +160,9 @@ def _chunked_backwards(model: object, rows: int, min_features: int = 2048) -> di
     rng = np.random.default_rng(0)
     for (n, k), cells in layers.items():
         dtype = cells[0].weight.dtype
-        args = [ms.Tensor(rng.standard_normal(shape, dtype=np.float32), dtype=dtype)
-                for shape in ((rows, k), (n, k), (n,), (rows, n))]
-        best = {}
-        for chunks in (1, 2):
-            step = DenseGrad(ChunkedBackwardDense(chunks) if chunks > 1 else None)
-            step(*args)[1].asnumpy()  # compiles
-            best[chunks] = float("inf")
-            for _ in range(3):
-                t0 = time.perf_counter()
-                step(*args)[1].asnumpy()
-                best[chunks] = min(best[chunks], time.perf_counter() - t0)
+        args = tuple(ms.Tensor(rng.standard_normal(shape, dtype=np.float32), dtype=dtype)
+                     for shape in ((rows, k), (n, k), (n,), (rows, n)))
+        best = fastest_call({1: DenseGrad(Dense()), 2: DenseGrad(ChunkedBackwardDense(2))}, args, rounds=2, calls=2)
         if best[2] < 0.9 * best[1]:
             chosen[(n, k)] = 2
             for cell in cells:
@@ -196,8 +189,8 @@ class Trainer:
         self.model = build_model(model_name, config, settings.weights, settings.precision, seed=settings.seed,
                                  allow_random=settings.mode == "pretrain")
         self.model.set_train(True)
-        self.native_kernels = _native_training_kernels(self.model)
-        self.chunked_backwards = _chunked_backwards(self.model, settings.batch_size * seq)
+        _native_training_kernels(self.model)
+        _chunked_backwards(self.model, settings.batch_size * seq)
         if settings.parallel.recompute:  # activation checkpointing per block: memory for compute, same numbers
             for block in self.model.transformer.h:
                 block.recompute()

@@ -220,38 +220,37 @@ static void columns(const float *x, const float *w, const float *b, float *y, in
   }
 }
 
-constexpr int64_t kSerialWork = 1 << 16;  // multiply-adds below which one thread beats the hand-off
+constexpr int64_t kSerialWork = 1 << 16;  // operations below which one thread beats the hand-off
+
+// How many parts a job of `work` operations is split into: 1 (the caller alone) or the pool's size.
+static int64_t parts(int64_t work) { return work < kSerialWork ? 1 : pool().size(); }
+
+// f(part, lo, hi) for `n_parts` consecutive ranges covering [0, n), on the pool when there is more than one.
+template <class F>
+static void split(int64_t n, int64_t n_parts, F &&f) {
+  if (n_parts == 1) return f(0, 0, n);
+  pool().run([&](int t) {
+    if (t < n_parts) f(t, n * t / n_parts, n * (t + 1) / n_parts);
+  });
+}
 
 static void linear(const float *x, const float *w, const float *b, float *y, int64_t M, int64_t K, int64_t N) {
   const int64_t tiles = (N + NR - 1) / NR;
-  if (M * K * N < kSerialWork) return columns(x, w, b, y, M, K, N, 0, tiles);
-  Pool &p = pool();
-  const int64_t T = p.size();
-  p.run([&](int t) { columns(x, w, b, y, M, K, N, tiles * t / T, tiles * (t + 1) / T); });
+  split(tiles, parts(M * K * N), [&](int, int64_t lo, int64_t hi) { columns(x, w, b, y, M, K, N, lo, hi); });
 }
 
 static bool fp32(const char *dtype) { return dtype[0] == 'f' && (dtype[5] == '3' || dtype[5] == '\0'); }
 
-// params: x [M,K], W [N,K], b [N], y [M,N]
-extern "C" int LinearBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
-                          void *) {
-  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 2 || shapes[0][1] != shapes[1][1] || shapes[2][0] != shapes[1][0]
-      || !fp32(dtypes[0]) || !fp32(dtypes[1]))
-    return 1;
-  linear(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-         static_cast<const float *>(params[2]), static_cast<float *>(params[3]), shapes[0][0], shapes[0][1],
-         shapes[1][0]);
-  return 0;
-}
-
-// params: x [M,K], W [N,K], y [M,N]
+// params: x [M,K], W [N,K], optional b [N], y [M,N]
 extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                       void *) {
-  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || shapes[0][1] != shapes[1][1] || !fp32(dtypes[0])
-      || !fp32(dtypes[1]))
+  const bool bias = nparam == 4;
+  if ((nparam != 3 && !bias) || ndims[0] != 2 || ndims[1] != 2 || shapes[0][1] != shapes[1][1]
+      || (bias && shapes[2][0] != shapes[1][0]) || !fp32(dtypes[0]) || !fp32(dtypes[1]))
     return 1;
-  linear(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]), nullptr,
-         static_cast<float *>(params[2]), shapes[0][0], shapes[0][1], shapes[1][0]);
+  linear(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+         bias ? static_cast<const float *>(params[2]) : nullptr, static_cast<float *>(params[nparam - 1]),
+         shapes[0][0], shapes[0][1], shapes[1][0]);
   return 0;
 }
 
@@ -290,6 +289,21 @@ static inline float fast_exp(float a) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   return (p * r * r + r + 1.f) * bits_float((n + 127) << 23);
+}
+
+constexpr float kTanhC = 0.79788456080286536f, kTanhA = 0.044715f, kInvSqrt2 = 0.70710678118654752f;
+
+// y[i] = GELU(x[i]) for i in [lo, hi): the exact erf form, or HF's tanh form as x sigmoid(2z),
+// z = sqrt(2/pi) (x + 0.044715 x^3) (equal to 0.5 x (1 + tanh z)).
+static void gelu(const float *x, float *y, int64_t lo, int64_t hi, bool exact) {
+  if (exact) {
+    for (int64_t i = lo; i < hi; ++i) y[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * kInvSqrt2));
+    return;
+  }
+  for (int64_t i = lo; i < hi; ++i) {
+    const float v = x[i];
+    y[i] = v / (1.f + fast_exp(-2.f * kTanhC * (v + kTanhA * v * v * v)));
+  }
 }
 
 static float *scratch(std::vector<float> &v, int64_t n) {
@@ -357,9 +371,9 @@ extern "C" int AttnBlock(int nparam, void **params, int *ndims, int64_t **shapes
       std::memcpy(v_new + (b * kv + g) * d, v_at(b, g), d * sizeof(float));
     }
 
+  auto position = [&](int64_t b) { return std::min<int64_t>(std::max<int32_t>(positions[b], 0), T - 1); };
   auto head = [&](int64_t unit, std::vector<float> &scores) {
-    const int64_t b = unit / H, h = unit % H, g = h / G, row = b * kv + g;
-    const int64_t p = std::min<int64_t>(std::max<int32_t>(positions[b], 0), T - 1);
+    const int64_t b = unit / H, h = unit % H, g = h / G, row = b * kv + g, p = position(b);
     const float *q = q_at(b, h), *kc = keys + row * T * d, *vc = values + row * T * d;
     scores.resize(p + 1);
     float top = -INFINITY;
@@ -378,18 +392,11 @@ extern "C" int AttnBlock(int nparam, void **params, int *ndims, int64_t **shapes
     }
   };
   int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += H * (std::min<int64_t>(std::max<int32_t>(positions[b], 0), T - 1) + 1) * d;
-  if (work < kSerialWork) {
+  for (int64_t b = 0; b < B; ++b) work += H * (position(b) + 1) * d;
+  split(B * H, parts(work), [&](int, int64_t lo, int64_t hi) {
     std::vector<float> scores;
-    for (int64_t u = 0; u < B * H; ++u) head(u, scores);
-  } else {
-    Pool &p = pool();
-    const int64_t units = B * H, n = p.size();
-    p.run([&](int t) {
-      std::vector<float> scores;
-      for (int64_t u = units * t / n; u < units * (t + 1) / n; ++u) head(u, scores);
-    });
-  }
+    for (int64_t u = lo; u < hi; ++u) head(u, scores);
+  });
   linear(attn, static_cast<const float *>(params[8]), static_cast<const float *>(params[9]), out, B, E, E);
   for (int64_t i = 0; i < B * E; ++i) out[i] += hidden[i];
   return 0;
@@ -409,15 +416,7 @@ extern "C" int MlpBlock(int nparam, void **params, int *ndims, int64_t **shapes,
   float *ln = scratch(tl_ln, B * E), *inner = scratch(tl_inner, B * F);
   layer_norm(hidden, static_cast<const float *>(params[1]), static_cast<const float *>(params[2]), ln, B, E, meta[0]);
   linear(ln, static_cast<const float *>(params[3]), static_cast<const float *>(params[4]), inner, B, E, F);
-  if (meta[1] != 0.f) {
-    for (int64_t i = 0; i < B * F; ++i) inner[i] = 0.5f * inner[i] * (1.f + std::erf(inner[i] * 0.70710678118654752f));
-  } else {  // 0.5 x (1 + tanh z) = x sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
-    const float c2 = 2.f * 0.79788456080286536f;
-    for (int64_t i = 0; i < B * F; ++i) {
-      const float x = inner[i];
-      inner[i] = x / (1.f + fast_exp(-c2 * (x + 0.044715f * x * x * x)));
-    }
-  }
+  gelu(inner, inner, 0, B * F, meta[1] != 0.f);
   linear(inner, static_cast<const float *>(params[5]), static_cast<const float *>(params[6]), out, B, F, E);
   for (int64_t i = 0; i < B * E; ++i) out[i] += hidden[i];
   return 0;
@@ -427,27 +426,23 @@ extern "C" int MlpBlock(int nparam, void **params, int *ndims, int64_t **shapes,
 // MindSpore 2.9's CPU LayerNormGrad takes ~14 ms on [1024, 768] (about 0.5 s of a tiny_starcoder training step);
 // these take well under 1 ms. The backward recomputes each row's mean and 1/std from x (cheaper than storing them).
 
-static int64_t leading_rows(int ndim, const int64_t *shape) {
-  int64_t rows = 1;
-  for (int i = 0; i < ndim - 1; ++i) rows *= shape[i];
-  return rows;
+static int64_t product(const int64_t *shape, int n) {
+  int64_t total = 1;
+  for (int i = 0; i < n; ++i) total *= shape[i];
+  return total;
 }
 
 // params: x [..., E], weight [E], bias [E], meta [eps] -> y [..., E]
 extern "C" int LayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *, void *) {
   if (nparam != 5 || !fp32(dtypes[0]) || !fp32(dtypes[1]) || !fp32(dtypes[2])) return 1;
-  const int64_t E = shapes[0][ndims[0] - 1], R = leading_rows(ndims[0], shapes[0]);
+  const int64_t E = shapes[0][ndims[0] - 1], R = product(shapes[0], ndims[0] - 1);
   const float *x = static_cast<const float *>(params[0]), *g = static_cast<const float *>(params[1]);
   const float *b = static_cast<const float *>(params[2]), eps = static_cast<const float *>(params[3])[0];
   float *y = static_cast<float *>(params[4]);
-  Pool &p = pool();
-  const int64_t T = R * E < kSerialWork ? 1 : p.size();
-  auto part = [&](int t) {
-    if (t >= T) return;
-    for (int64_t r = R * t / T; r < R * (t + 1) / T; ++r) layer_norm(x + r * E, g, b, y + r * E, 1, E, eps);
-  };
-  if (T == 1) part(0); else p.run(part);
+  split(R, parts(R * E), [&](int, int64_t lo, int64_t hi) {
+    layer_norm(x + lo * E, g, b, y + lo * E, hi - lo, E, eps);
+  });
   return 0;
 }
 
@@ -455,18 +450,16 @@ extern "C" int LayerNormForward(int nparam, void **params, int *ndims, int64_t *
 extern "C" int LayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *, void *) {
   if (nparam != 7 || !fp32(dtypes[0]) || !fp32(dtypes[1]) || !fp32(dtypes[2])) return 1;
-  const int64_t E = shapes[0][ndims[0] - 1], R = leading_rows(ndims[0], shapes[0]);
+  const int64_t E = shapes[0][ndims[0] - 1], R = product(shapes[0], ndims[0] - 1);
   const float *x = static_cast<const float *>(params[0]), *g = static_cast<const float *>(params[1]);
   const float *dy = static_cast<const float *>(params[2]), eps = static_cast<const float *>(params[3])[0];
   float *dx = static_cast<float *>(params[4]), *dg = static_cast<float *>(params[5]);
   float *db = static_cast<float *>(params[6]);
-  Pool &p = pool();
-  const int64_t T = R * E < kSerialWork ? 1 : p.size();
-  std::vector<float> partial(2 * T * E, 0.f);  // per-thread dweight, dbias: summed below in a fixed order
-  auto part = [&](int t) {
-    if (t >= T) return;
+  const int64_t T = parts(R * E);
+  std::vector<float> partial(2 * T * E, 0.f);  // per-part dweight, dbias: summed below in a fixed order
+  split(R, T, [&](int t, int64_t lo, int64_t hi) {
     float *pg = partial.data() + 2 * t * E, *pb = pg + E;
-    for (int64_t r = R * t / T; r < R * (t + 1) / T; ++r) {
+    for (int64_t r = lo; r < hi; ++r) {
       const float *xr = x + r * E, *dyr = dy + r * E;
       float mean, inv, s1 = 0.f, s2 = 0.f;
       row_stats(xr, E, eps, &mean, &inv);
@@ -481,8 +474,7 @@ extern "C" int LayerNormBackward(int nparam, void **params, int *ndims, int64_t 
       s2 /= E;
       for (int64_t i = 0; i < E; ++i) dx[r * E + i] = inv * (dyr[i] * g[i] - s1 - (xr[i] - mean) * inv * s2);
     }
-  };
-  if (T == 1) part(0); else p.run(part);
+  });
   for (int64_t i = 0; i < E; ++i) {
     float sg = 0.f, sb = 0.f;
     for (int64_t t = 0; t < T; ++t) {
@@ -497,38 +489,17 @@ extern "C" int LayerNormBackward(int nparam, void **params, int *ndims, int64_t 
 
 // ----------------------------------------------------------------------------------------------- GELU (training)
 // MindSpore runs the composed GELU as ~5 elementwise kernels forward and ~10 backward over [rows, 4*hidden]
-// (each a full pass over memory); these are one pass each. Tanh form (HF's gelu_pytorch_tanh) as x sigmoid(2z),
-// z = sqrt(2/pi) (x + 0.044715 x^3), or the exact erf form.
-
-constexpr float kTanhC = 0.79788456080286536f, kTanhA = 0.044715f;
-
-template <class F>
-static void elementwise(int64_t n, F &&f) {
-  Pool &p = pool();
-  const int64_t T = n < kSerialWork ? 1 : p.size();
-  if (T == 1) return f(0, n);
-  p.run([&](int t) { f(n * t / T, n * (t + 1) / T); });
-}
+// (each a full pass over memory); these are one pass each (the forms of gelu() above).
 
 // params: x [...], meta [exact] -> y [...]
 extern "C" int GeluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                            void *) {
   if (nparam != 3 || !fp32(dtypes[0])) return 1;
-  int64_t n = 1;
-  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const int64_t n = product(shapes[0], ndims[0]);
   const float *x = static_cast<const float *>(params[0]);
   const bool exact = static_cast<const float *>(params[1])[0] != 0.f;
   float *y = static_cast<float *>(params[2]);
-  elementwise(n, [&](int64_t lo, int64_t hi) {
-    if (exact) {
-      for (int64_t i = lo; i < hi; ++i) y[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * 0.70710678118654752f));
-      return;
-    }
-    for (int64_t i = lo; i < hi; ++i) {
-      const float v = x[i];
-      y[i] = v / (1.f + fast_exp(-2.f * kTanhC * (v + kTanhA * v * v * v)));
-    }
-  });
+  split(n, parts(n), [&](int, int64_t lo, int64_t hi) { gelu(x, y, lo, hi, exact); });
   return 0;
 }
 
@@ -536,16 +507,15 @@ extern "C" int GeluForward(int nparam, void **params, int *ndims, int64_t **shap
 extern "C" int GeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                             void *) {
   if (nparam != 4 || !fp32(dtypes[0]) || !fp32(dtypes[1])) return 1;
-  int64_t n = 1;
-  for (int i = 0; i < ndims[0]; ++i) n *= shapes[0][i];
+  const int64_t n = product(shapes[0], ndims[0]);
   const float *x = static_cast<const float *>(params[0]), *dy = static_cast<const float *>(params[1]);
   const bool exact = static_cast<const float *>(params[2])[0] != 0.f;
   float *dx = static_cast<float *>(params[3]);
-  elementwise(n, [&](int64_t lo, int64_t hi) {
+  split(n, parts(n), [&](int, int64_t lo, int64_t hi) {
     if (exact) {  // d/dx 0.5 x (1 + erf(x/sqrt2)) = 0.5 (1 + erf(x/sqrt2)) + x exp(-x^2/2) / sqrt(2 pi)
       for (int64_t i = lo; i < hi; ++i) {
         const float v = x[i];
-        dx[i] = dy[i] * (0.5f * (1.f + std::erf(v * 0.70710678118654752f))
+        dx[i] = dy[i] * (0.5f * (1.f + std::erf(v * kInvSqrt2))
                          + v * std::exp(-0.5f * v * v) * 0.39894228040143268f);
       }
       return;
