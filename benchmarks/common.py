@@ -33,7 +33,8 @@ def speedups(rows: list[dict]) -> str:
     for r in rows:
         x = r.get("extra", {})
         if "decode_speedup_vs_hf" in x:
-            ran_on = {"native": f", kernels: native ({x.get('kernel_threads')} threads)",
+            screened = ", greedy head screened" if x.get("greedy_head") == "screened" else ""
+            ran_on = {"native": f", kernels: native ({x.get('kernel_threads')} threads{screened})",
                       "mindspore": f", kernels: mindspore (head {x.get('head_layout')})"}.get(x.get("kernels"), "")
             lines.append(f"- {r['backend']} b{r['batch_size']} len{r['total_length']}: decode "
                          f"{x['decode_speedup_vs_hf']}x HF, prefill {x['prefill_speedup_vs_hf']}x HF, tokens equal "

@@ -104,6 +104,38 @@ def test_native_kernels_equal_hf_generate(generator, hf_model):
             == [o.token_ids for o in reference.generate(PROMPTS, penalized)])
 
 
+@pytest.mark.skipif(not __import__("wizardcoder_plugin.kernels").kernels.availability()[0],
+                    reason="native kernels unavailable here")
+def test_screened_greedy_head_equals_the_full_head_and_follows_weight_changes(generator, hf_model):
+    """Greedy native decoding picks tokens from the int8-screened head: the same tokens as the full fp32 head and
+    HF; its copy is a snapshot that `sync_weights` refreshes (and refuses non-finite weights)."""
+    import mindspore as ms
+
+    model = generator.model
+    screened = Generator(model, eos_token_id=10**6, pad_token_id=PAD, max_batch=4, kernels="native")
+    full = Generator(model, eos_token_id=10**6, pad_token_id=PAD, max_batch=4, kernels="native",
+                     screened_head=False)
+    cfg = GenerationConfig(max_new_tokens=24)
+    ours = [o.token_ids for o in screened.generate(PROMPTS, cfg)]
+    assert ours == [o.token_ids for o in full.generate(PROMPTS, cfg)] == hf_greedy(hf_model, PROMPTS, 24)
+    assert screened.decode_kernels(4)["greedy_head"] == "screened" and "greedy_head" not in full.decode_kernels(4)
+    wte = model.transformer.wte.weight
+    saved = wte.asnumpy()
+    try:
+        wte.set_data(ms.Tensor(saved[::-1].copy()))  # a different embedding, changed in place
+        stale = screened.generate(PROMPTS[:1], cfg)[0].token_ids
+        screened.sync_weights()
+        fresh, expect = screened.generate(PROMPTS[:1], cfg)[0].token_ids, full.generate(PROMPTS[:1], cfg)[0].token_ids
+        assert fresh == expect != stale
+        broken = saved.copy()
+        broken[5, 0] = np.nan
+        wte.set_data(ms.Tensor(broken))
+        with pytest.raises(InputError, match="non-finite"):
+            screened.sync_weights()
+    finally:
+        wte.set_data(ms.Tensor(saved))
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(generator):
     sample = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=0.9, top_k=50, top_p=0.9, seed=3)
     a = generator.generate(PROMPTS[:2], sample)

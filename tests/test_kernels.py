@@ -1,6 +1,7 @@
-"""The native decode kernels: the linear kernel against numpy (in a MindSpore graph and called directly), the
-build cache and its failures, the thread pool after fork(), Generator's fallback. The decode blocks are checked
-against HF in test_modeling.py and test_generate.py."""
+"""The native kernels: the linear kernel against numpy (in a MindSpore graph and called directly), the screened
+greedy head against the exact argmax (ties, near ties, flat rows), the prefill epilogues, LayerNorm and GELU
+against torch, the build cache and its failures, the thread pool after fork(), Generator's fallback. The decode
+layers and the prefill are checked against HF in test_modeling.py and test_generate.py."""
 
 from __future__ import annotations
 
@@ -211,3 +212,145 @@ def test_gelu_forward_and_backward_equal_torch(name):
         np.testing.assert_allclose(act(ms.Tensor(x)).asnumpy(), ty.detach().numpy(), rtol=1e-5, atol=1e-5)
         dx = grad(act)(ms.Tensor(x), ms.Tensor(dy)).asnumpy()
         np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _greedy_head(hidden: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """GreedyHead in a graph: ids [B] for LN_f(hidden) . weight^T (unit LN weight, zero or given bias)."""
+    import mindspore as ms
+    from mindspore import nn
+
+    from wizardcoder_plugin.kernels.head import greedy_tables
+    from wizardcoder_plugin.runtime import init_mindspore
+
+    init_mindspore()
+    q, info = greedy_tables(weight)
+    e = weight.shape[1]
+
+    class Cell(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.op = native_kernels().greedy_head
+            self.args = [ms.Tensor(a) for a in (np.ones(e, np.float32), np.zeros(e, np.float32) if bias is None
+                                                 else bias, weight, q, info, np.array([1e-5], np.float32))]
+
+        def construct(self, h):
+            return self.op(h, *self.args)
+
+    return Cell()(ms.Tensor(hidden)).asnumpy()
+
+
+def _ln(h: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    h = h.astype(np.float64)
+    x = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5)
+    return x if bias is None else x + bias
+
+
+@needs_kernels
+@pytest.mark.parametrize("v, e, b", [(49153, 256, 1), (49153, 256, 8), (1000, 37, 3), (5003, 768, 5)])
+def test_greedy_head_is_the_exact_argmax(v, e, b):
+    """The screened head (int8 screen, fp32 re-score) picks the float64 argmax of the logits, one row and several,
+    E off the vector width, V off the tile width; token ids int64 like ArgMaxWithValue."""
+    rng = np.random.default_rng(v + e + b)
+    w = (rng.standard_normal((v, e)) * 0.02).astype(np.float32)
+    for bias in (None, rng.standard_normal(e).astype(np.float32)):  # ln_f's bias shifts every hidden row
+        h = rng.standard_normal((b, e)).astype(np.float32)
+        got = _greedy_head(h, w, bias)
+        assert got.dtype == np.int64 and got.shape == (b,)
+        np.testing.assert_array_equal(got, (_ln(h, bias) @ w.T.astype(np.float64)).argmax(-1))
+
+
+@needs_kernels
+def test_greedy_head_resolves_near_ties_and_flat_rows():
+    """Where the int8 screen cannot separate rows, they are re-scored in fp32: a winner 1e-5 above its rival
+    (far inside the screen's error), an exact tie (the first index wins, like torch), a flat distribution (every
+    row survives: scored in full), and zero logits (the first row)."""
+    rng = np.random.default_rng(11)
+    v, e = 4096, 256
+    w = (rng.standard_normal((v, e)) * 0.02).astype(np.float32)
+    h = rng.standard_normal((1, e)).astype(np.float32)
+    x = _ln(h)[0]
+    best = int((x @ w.T.astype(np.float64)).argmax())
+    for trial in range(8):  # a rival row of another direction scoring 1e-5 above or below: the int8 copies'
+        near = w.copy()     # error (~1e-2) orders the two at random, only the fp32 re-score separates them
+        delta = 1e-5 * (1 if trial % 2 else -1)
+        r = rng.standard_normal(e) * 0.02
+        rival = w[best] + r - (x @ r - delta) * x / (x @ x)
+        near[3000] = rival.astype(np.float32)
+        scores = x @ near.T.astype(np.float64)
+        assert abs(scores[3000] - scores[best] - delta) < 2e-6
+        assert _greedy_head(h, near)[0] == (3000 if delta > 0 else best), trial
+    tie, other = w.copy(), 0 if best > 0 else 1
+    tie[other] = w[best]
+    assert _greedy_head(h, tie)[0] == min(best, other)
+    flat = np.tile(w[:1], (v, 1))
+    flat[2222] = w[0] * (1 + 1e-4) if float(x @ w[0]) > 0 else w[0] * (1 - 1e-4)
+    assert _greedy_head(h, flat)[0] == 2222
+    assert _greedy_head(np.full((1, e), 3.0, np.float32), w)[0] == 0  # LN of a constant: all logits 0
+
+
+@needs_kernels
+def test_greedy_tables_refuse_non_finite_weights():
+    from wizardcoder_plugin.kernels.head import greedy_tables
+
+    w = np.ones((10, 8), np.float32)
+    q, info = greedy_tables(w)
+    assert q.dtype == np.int8 and info.shape == (10, 3) and (q == 127).all()
+    w[3, 2] = np.inf
+    assert greedy_tables(w) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("exact", [False, True])
+def test_bias_add_and_bias_gelu_equal_numpy(exact):
+    """The prefill's one-pass epilogues: y + b, y + b + residual, GELU(y + b) (tanh and erf forms)."""
+    import mindspore as ms
+    import torch
+
+    from wizardcoder_plugin.runtime import init_mindspore
+
+    init_mindspore()
+    nk = native_kernels()
+    rng = np.random.default_rng(5)
+    for rows, n in ((3, 7), (256, 3072)):
+        y, r = (rng.standard_normal((rows, n), dtype=np.float32) * 3 for _ in range(2))
+        b = rng.standard_normal(n, dtype=np.float32)
+        np.testing.assert_allclose(nk.bias_add(ms.Tensor(y), ms.Tensor(b)).asnumpy(), y + b, atol=1e-6)
+        np.testing.assert_allclose(nk.bias_add(ms.Tensor(y), ms.Tensor(b), ms.Tensor(r)).asnumpy(), y + b + r,
+                                   atol=1e-5)
+        meta = ms.Tensor(np.array([exact], np.float32))
+        want = torch.nn.functional.gelu(torch.tensor(y + b), approximate="none" if exact else "tanh").numpy()
+        np.testing.assert_allclose(nk.bias_gelu(ms.Tensor(y), ms.Tensor(b), meta).asnumpy(), want, rtol=1e-5,
+                                   atol=1e-5)
+
+
+@needs_kernels
+def test_native_adamw_step_equals_the_mindspore_update():
+    """AdamWStep (one in-place pass per parameter) against the ApplyAdam path over three steps: parameters and
+    both moments, with decay on the matrix only and bias correction; the accumulators are zeroed."""
+    import mindspore as ms
+    from mindspore import Parameter, ParameterTuple, Tensor
+
+    from wizardcoder_plugin.optim import AdamW
+    from wizardcoder_plugin.runtime import init_mindspore
+
+    init_mindspore()
+    rng = np.random.default_rng(9)
+    shapes = {"h.0.attn.c_attn.weight": (40, 33), "h.0.attn.c_attn.bias": (40,)}
+    start = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+
+    def run(native):
+        params = ParameterTuple(Parameter(Tensor(v.copy()), name=n) for n, v in start.items())
+        accum = ParameterTuple(Parameter(Tensor(np.zeros(s, np.float32)), name=f"acc.{n}") for n, s in shapes.items())
+        opt = AdamW(params, accum, 0.9, 0.95, 1e-6, 0.1, native)
+        assert (opt.native_step is not None) == (native is not None)
+        grads = np.random.default_rng(3)
+        for t in range(1, 4):
+            for a in accum:
+                a.set_data(Tensor(grads.standard_normal(a.shape, dtype=np.float32)))
+            bc1, bc2 = 1 - 0.9**t, 1 - 0.95**t
+            opt(*(Tensor(np.float32(x)) for x in (1e-2, 0.5, bc1, bc2))).asnumpy()
+            assert all(not a.asnumpy().any() for a in accum)
+        return [x.asnumpy() for x in (*params, *opt.m, *opt.v)]
+
+    for ours, ref in zip(run(native_kernels()), run(None), strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)

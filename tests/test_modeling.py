@@ -48,7 +48,8 @@ def test_logits_match_hf_with_right_padded_batch(fixture, request):
 def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     """The cached path (prefill, then decode steps writing the caches in place) against HF's full forward, for
     multi-query and multi-head caches (tanh and exact GELU), on MindSpore's kernels and on the native decode
-    blocks; the greedy decode graph returns the argmax of the same logits."""
+    layers (which write the caches themselves); the greedy decode graph returns the argmax of the same logits, on
+    native kernels also through the screened int8 head."""
     ms = init_mindspore()
     from wizardcoder_plugin.kernels import availability, native_kernels
     from wizardcoder_plugin.modeling import DecodeCell, KVCache, PrefillCell
@@ -65,6 +66,14 @@ def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     cache = KVCache(cfg, 2, 64, ms.float32, f"test-{fixture}-{kernels}")
     prefill, decode = PrefillCell(net, cache, native=native), DecodeCell(net, cache, native=native)
     greedy = DecodeCell(net, cache, greedy=True, native=native)
+    screened = None
+    if native is not None:
+        from wizardcoder_plugin.kernels.head import greedy_tables
+
+        q, info = greedy_tables(net.transformer.wte.weight.asnumpy())
+        screen = (ms.Parameter(ms.Tensor(q), name=f"sq-{fixture}"), ms.Parameter(ms.Tensor(info), name=f"si-{fixture}"))
+        screened = DecodeCell(net, cache, greedy=True, native=native, screen=screen)
+        assert screened.screen is not None
     prompt = np.where(np.arange(12)[None] < lengths[:, None], full, cfg.pad_token_id).astype(np.int32)
     got = [prefill(ms.Tensor(prompt[:, :10]), ms.Tensor(lengths)).asnumpy()]
     picked = []
@@ -72,6 +81,8 @@ def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     for _ in range(3):
         tok = ms.Tensor(full[np.arange(2), pos].reshape(2, 1))
         picked.append(greedy(tok, ms.Tensor(pos)).asnumpy())  # writes the same slot the logits graph rewrites
+        if screened is not None:
+            assert (screened(tok, ms.Tensor(pos)).asnumpy() == picked[-1]).all()
         got.append(decode(tok, ms.Tensor(pos)).asnumpy())
         pos = pos + 1
     ref = hf_logits(ckpt, full, np.ones_like(full))

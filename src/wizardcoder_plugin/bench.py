@@ -158,6 +158,9 @@ def _hf_greedy(torch: object, model: object, prompts: list[list[int]], new: int)
             "generated": ids.shape[0] * new, "outputs": torch.cat(outputs, dim=1).tolist()}  # type: ignore
 
 
+_ENGINE_KEYS = ("threads", "kernels", "kernel_threads", "greedy_head", "head_layout")  # what an engine ran on
+
+
 def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_s: float, tok: object,
                 prompt_len: int) -> BenchRow:
     total = statistics.median(r["total_s"] for r in runs)
@@ -180,7 +183,7 @@ def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_
                "warmup_s": round(warmup_s, 3), "repeats": len(runs),
                # the reference's own process; ours: this process (every online/exported engine so far)
                "peak_rss_mb_process": round(runs[-1].get("peak_rss_mb", _peak_rss_mb())),
-               **{k: runs[-1][k] for k in ("threads", "kernels", "kernel_threads", "head_layout") if k in runs[-1]}})
+               **{k: runs[-1][k] for k in _ENGINE_KEYS if k in runs[-1]}})
 
 
 def markdown(rows: list[BenchRow]) -> str:

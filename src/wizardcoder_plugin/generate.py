@@ -91,20 +91,24 @@ _NATIVE_BLOCKS_CREDIT = 1.2  # the native head may be this much slower and still
 class Generator:
     """Compiled graphs are cached per shape bucket and reused across calls.
 
-    `kernels` says what runs the decode graphs: "mindspore" (its own kernels), "native" (`kernels/cpu.cc`:
-    each block as two native calls on multi-threaded small-row linear layers, and the LM head on the same linear
-    kernel; CPU and fp32 only, compiled on first use), or "auto": on CPU in fp32, time the LM head both ways once
-    per batch size and keep native unless its head is more than 1.2x slower (MindSpore's CPU MatMul runs a
-    few-row product on one core, and each of its ~24 kernels per layer costs a launch; measured on one Xeon the
-    native decode step was 1.4-1.8x faster).
+    `kernels` says what runs the graphs: "mindspore" (its own kernels), "native" (`kernels/cpu.cc`: each
+    decode step of a block as one native call on multi-threaded small-row linear layers, the LM head on the same
+    linear kernel, and the prefill's LayerNorm, bias, residual and GELU passes; CPU and fp32 only, compiled on
+    first use), or "auto": on CPU in fp32, time the LM head both ways once per batch size and keep native unless
+    its head is more than 1.2x slower (MindSpore's CPU MatMul runs a few-row product on one core, and each of its
+    ~24 kernels per layer costs a launch; measured on one Xeon the native decode step was 1.6-2.3x faster).
     `head_layout` says how MindSpore's MatMul reads the tied LM head: "tied" (the embedding [V,E] as stored),
     "transposed" (a copy [E,V]), or "auto": time both. Which wins depends on the kernel and the shape (measured on
     one Xeon: the copy 1.3x faster for one row at hidden 256, the stored layout 1.5x faster for 8 rows at hidden
     768). The copy is a snapshot: after changing the model's weights in place, call `sync_weights()`.
-    `head_choice` records, per batch size, what the graphs use: "native", "tied" or "transposed"."""
+    `head_choice` records, per batch size, what the graphs use: "native", "tied" or "transposed".
+    `screened_head`: on native kernels, greedy steps pick their token from an int8 copy of the LM head with a
+    bound that proves which rows cannot win, re-scoring the rest in fp32 (kernels/head.py): the same token as the
+    fp32 argmax, reading about a quarter of the head's bytes (measured on one Xeon: 0.43 against 1.06 ms for the
+    tiny model's head at batch 1). The copy (V x E bytes) is a snapshot, refreshed by `sync_weights()`."""
 
     def __init__(self, model: object, eos_token_id: int, pad_token_id: int, max_batch: int = 8,
-                 head_layout: str = "auto", kernels: str = "auto") -> None:
+                 head_layout: str = "auto", kernels: str = "auto", screened_head: bool = True) -> None:
         if head_layout not in HEAD_LAYOUTS:
             raise InputError(f"unknown head layout {head_layout!r}", f"use one of {', '.join(HEAD_LAYOUTS)}")
         if kernels not in KERNELS:
@@ -114,10 +118,12 @@ class Generator:
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch = max_batch
         self.head_layout, self.kernels = head_layout, kernels
-        self._cells: dict[tuple[int, int], dict[str, object]] = {}
+        self._cells: dict[tuple[int, int], dict[object, object]] = {}  # (batch, max_len) -> cache and graphs
         self._last_token: object | None = None
         self._head_t: object | None = None  # the transposed copy, made when a bucket first uses it
         self._native: object | None = None
+        self._screen: tuple[object, object] | None = None  # the LM head's int8 screening copy (greedy, native)
+        self.screened_head = screened_head
         self.native_unavailable = ""  # why the native kernels are not used, where "auto" fell back
         self.head_choice: dict[int, str] = {}  # batch size -> native | tied | transposed
 
@@ -186,7 +192,7 @@ class Generator:
         best = {name: min(t for (n, _), t in timed.items() if n == name) for name in candidates}
         if "transposed" in best and best["transposed"] >= 0.9 * best.get("tied", float("inf")):
             del best["transposed"]  # only a clear win pays for the copy's memory
-        if "native" in best:  # the native blocks come with it: 1.4-1.8x MindSpore's kernels where measured
+        if "native" in best:  # the native blocks come with it: 1.6-2.3x MindSpore's kernels where measured
             best["native"] /= _NATIVE_BLOCKS_CREDIT
         return min(best, key=best.__getitem__)
 
@@ -197,17 +203,50 @@ class Generator:
         if choice is None:
             return {}
         if choice == "native":
-            return {"kernels": "native", "kernel_threads": self._native.threads}  # type: ignore[attr-defined]
+            used = {"kernels": "native", "kernel_threads": self._native.threads}  # type: ignore[attr-defined]
+            return {**used, "greedy_head": "screened"} if self._screen is not None else used
         return {"kernels": "mindspore", "head_layout": choice}
 
     def sync_weights(self) -> None:
-        """Refresh the transposed head copy from the model's current embedding (after an in-place weight change)."""
+        """Refresh the head's copies (transposed, screening) from the model's current embedding (after an in-place
+        weight change)."""
         if self._head_t is not None:
             self._head_t.set_data(self.model.transposed_head())  # type: ignore[attr-defined]
+        if self._screen is not None:
+            tables = self._screen_tables()
+            if tables is None:
+                raise InputError("the LM head has non-finite weights: the screened greedy head cannot run on them",
+                                 "check the weights, or build the Generator with screened_head=False")
+            for param, table in zip(self._screen, tables, strict=True):
+                param.set_data(table)  # type: ignore[attr-defined]
 
-    def _cells_for(self, batch: int, max_len: int, greedy: bool) -> tuple[object, object]:
-        """(prefill, decode) for a bucket; the greedy decode graph returns token ids, the other logits. Both
-        decode graphs share the bucket's caches."""
+    def _screen_tables(self) -> tuple[object, object] | None:
+        import mindspore as ms
+
+        from .kernels.head import greedy_tables
+
+        tables = greedy_tables(self.model.transformer.wte.weight.asnumpy())  # type: ignore[attr-defined]
+        return None if tables is None else (ms.Tensor(tables[0]), ms.Tensor(tables[1]))
+
+    def _screen_for(self, native: object | None, greedy: bool) -> tuple[object, object] | None:
+        """The screening copy's parameters where a greedy native graph should read it (made on first use)."""
+        if native is None or not greedy or not self.screened_head:
+            return None
+        if self._screen is None:
+            import mindspore as ms
+
+            tables = self._screen_tables()
+            if tables is None:  # non-finite weights: the bound does not hold, score the full head
+                return None
+            self._screen = (ms.Parameter(tables[0], name="lm_head.screen_q", requires_grad=False),
+                            ms.Parameter(tables[1], name="lm_head.screen_info", requires_grad=False))
+        return self._screen
+
+    def _cells_for(self, batch: int, max_len: int, prompt_len: int, greedy: bool) -> tuple[object, object]:
+        """(prefill, decode) for a bucket; greedy decode graphs return token ids (and so does a greedy prefill on
+        the screened head), the others logits. The bucket's graphs share its caches. Every cell sees one input
+        shape, so each runs in MindSpore's "increment" phase (re-entered without walking the cell tree: ~1 ms a
+        call saved on the tiny model's prefill)."""
         from .modeling import DecodeCell, KVCache, PrefillCell
 
         key = (batch, max_len)
@@ -215,13 +254,18 @@ class Generator:
         native = self._native if self.head_choice[batch] == "native" else None
         if key not in self._cells:
             dtype = self.model.transformer.wte.weight.dtype  # type: ignore[attr-defined]
-            cache = KVCache(self.config, batch, max_len, dtype, tag=f"b{batch}t{max_len}")
-            self._cells[key] = {"cache": cache, "prefill": PrefillCell(self.model, cache, head_t, native)}
+            self._cells[key] = {"cache": KVCache(self.config, batch, max_len, dtype, tag=f"b{batch}t{max_len}")}
         cells = self._cells[key]
+        screen = self._screen_for(native, greedy)
         kind = "greedy" if greedy else "logits"
+        prefill = (prompt_len, screen is not None)  # a screened prefill returns token ids, the other logits
+        if prefill not in cells:
+            cells[prefill] = PrefillCell(self.model, cells["cache"], head_t, native, screen)
+            cells[prefill].phase = "increment"
         if kind not in cells:
-            cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy, head_t=head_t, native=native)
-        return cells["prefill"], cells[kind]
+            cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy, head_t=head_t, native=native,
+                                     screen=screen)
+        return cells[prefill], cells[kind]
 
     def check_prompt(self, ids: list[int], cfg: GenerationConfig) -> list[int]:
         limit = self.config.seq_length - 1
@@ -267,11 +311,14 @@ class Generator:
 
         t0 = time.perf_counter()
         if cfg.use_cache:
-            prefill, decode = self._cells_for(batch, max_len, in_graph_greedy(cfg))
-            logits = prefill(ms.Tensor(ids), ms.Tensor(lengths)).asnumpy()
+            prefill, decode = self._cells_for(batch, max_len, prompt_len, in_graph_greedy(cfg))
+            logits = prefill(ms.Tensor.from_numpy(ids), ms.Tensor.from_numpy(lengths)).asnumpy()
 
             def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-                return decode(ms.Tensor(tokens.reshape(batch, 1)), ms.Tensor(positions)).asnumpy()
+                # from_numpy shares the arrays (half the cost of a copy per step); the call has finished with
+                # them when asnumpy returns, and the loop makes new ones for the next step
+                return decode(ms.Tensor.from_numpy(np.ascontiguousarray(tokens.reshape(batch, 1))),
+                              ms.Tensor.from_numpy(np.ascontiguousarray(positions))).asnumpy()
         else:
             full = np.full((batch, max_len), self.pad, dtype=np.int32)
             full[:, :prompt_len] = ids

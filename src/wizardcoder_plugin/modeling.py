@@ -189,10 +189,13 @@ class GPTBigCodeAttention(nn.Cell):
         self.resid_dropout = Dropout(config.resid_pdrop)
 
     def split_qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(scaled query [B,S,H*d], key [B,S,kv*d], value [B,S,kv*d]). HF's fused `c_attn` rows differ by variant:
-        multi-query [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d). `narrow` (the CPU
-        Slice kernel, <1 us) rather than `split` (StridedSlice, up to ~45 us per piece on CPU)."""
-        fused = self.c_attn(hidden)
+        """(scaled query [B,S,H*d], key [B,S,kv*d], value [B,S,kv*d]) of `c_attn(hidden)`."""
+        return self.split_fused(self.c_attn(hidden))
+
+    def split_fused(self, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`c_attn`'s output [B,S,E+2kv*d] -> (scaled q, k, v). HF's fused rows differ by variant: multi-query
+        [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d). `narrow` (the CPU Slice kernel,
+        <1 us) rather than `split` (StridedSlice, up to ~45 us per piece on CPU)."""
         if self.multi_query:
             q = ops.narrow(fused, -1, 0, self.embed_dim)
             k = ops.narrow(fused, -1, self.embed_dim, self.kv_dim)
@@ -338,13 +341,21 @@ class _CachedCell(nn.Cell):
     """What prefill and decode share: the model, its caches, and the per-head layout of a key/value write."""
 
     def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None,
-                 native: object | None = None) -> None:
+                 native: object | None = None, screen: tuple[Parameter, Parameter] | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.model = model
         self.head_t = head_t  # the LM head's transposed copy, where that layout is the faster one
-        # `native` (kernels.NativeKernels): the LM head on the native small-row linear kernel (and, in decoding,
-        # each block as two native calls)
+        # `native` (kernels.NativeKernels): the LM head on the native small-row linear kernel (and the blocks on
+        # native kernels: see PrefillCell, DecodeCell)
         self.native_linear = native.linear if native is not None else None
+        # with `screen` (the head's int8 screening copy: Q, info; kernels/head.py) on native kernels the graph
+        # returns greedy token ids [B] int64 from the screened head: the fp32 argmax at a quarter of the bytes
+        self.screen = screen if native is not None else None
+        if native is not None:
+            self.greedy_head = native.greedy_head
+            cfg = model.config
+            self.native_meta = Tensor(np.array([cfg.layer_norm_epsilon, cfg.activation_function == "gelu"],
+                                               dtype=np.float32))
         self.keys, self.values = cache.keys, cache.values
         self.max_len = cache.max_len
         self.update = ops.ScatterUpdate()
@@ -354,6 +365,12 @@ class _CachedCell(nn.Cell):
     def head(self, hidden: Tensor) -> Tensor:
         """Final LayerNorm and LM head for one position per row: [B,E] -> fp32 logits [B,V]."""
         return self.model.lm_head(self.model.transformer.ln_f(hidden), self.head_t, self.native_linear)
+
+    def screened_token(self, hidden: Tensor) -> Tensor:
+        """Final LayerNorm and the screened greedy head: [B,E] -> token ids [B] int64 (needs `screen`)."""
+        tr = self.model.transformer
+        return self.greedy_head(hidden, tr.ln_f.weight, tr.ln_f.bias, tr.wte.weight, self.screen[0], self.screen[1],
+                                self.native_meta)
 
     def by_head(self, x: Tensor) -> Tensor:
         """[B,S,kv*d] -> [B*kv,S,d] (a reshape for multi-query)."""
@@ -380,7 +397,33 @@ class _CachedCell(nn.Cell):
 
 class PrefillCell(_CachedCell):
     """Runs right-padded prompts [B,S], writes every position's key and value into the caches, returns the logits
-    at each row's last real token [B,V]."""
+    at each row's last real token [B,V] (with `screen`: the greedy token ids [B]).
+
+    With `native`, MindSpore's MatMul stays and what surrounds it runs on the native kernels: LayerNorm,
+    bias + residual, bias + GELU, one pass each instead of MindSpore's 2-6 elementwise kernels (measured on one
+    Xeon: ~40% of a 256-token tiny_starcoder prefill was those kernels; the prefill 1.3-1.6x faster without them)."""
+
+    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None,
+                 native: object | None = None, screen: tuple[Parameter, Parameter] | None = None) -> None:
+        super().__init__(model, cache, head_t, native, screen)
+        self.native = native
+        self.matmul_t = ops.MatMul(transpose_b=True)
+
+    def dense(self, x: Tensor, linear: Linear, residual: Tensor | None = None, act: Activation | None = None) -> Tensor:
+        """linear(x) (+ residual), or act(linear(x)): MindSpore's MatMul, then one native pass. (The native linear
+        kernel, faster alone for up to ~64 rows, made the whole prefill 5-40% slower here, measured on one Xeon.)"""
+        shape = x.shape
+        y = self.matmul_t(x.reshape(-1, shape[-1]), linear.weight)
+        if act is not None:
+            y = self.native.bias_gelu(y, linear.bias, act.meta)
+        elif residual is not None:
+            y = self.native.bias_add(y, linear.bias, residual)
+        else:
+            y = self.native.bias_add(y, linear.bias)
+        return y.reshape(shape[:-1] + (y.shape[-1],))
+
+    def layer_norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
+        return self.native.layer_norm(x, ln.weight, ln.bias, ln.eps)
 
     def construct(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         b, s = input_ids.shape
@@ -390,13 +433,23 @@ class PrefillCell(_CachedCell):
         mask = self.model.causal[:s, :s].reshape(1, s, s).broadcast_to((b, s, s))
         hidden = tr.embed(input_ids, positions)
         for i, block in enumerate(tr.h):
-            attn = block.attn
-            q, k, v = attn.split_qkv(block.ln_1(hidden))
+            attn, mlp = block.attn, block.mlp
+            if self.native is None:
+                q, k, v = attn.split_qkv(block.ln_1(hidden))
+            else:
+                q, k, v = attn.split_fused(self.dense(self.layer_norm(hidden, block.ln_1), attn.c_attn))
             written = self.write(i, rows, k, v)
             out = ops.depend(attend(q, k, v, mask, attn.n_head, attn.multi_query), written)
-            hidden = hidden + attn.c_proj(out)
-            hidden = hidden + block.mlp(block.ln_2(hidden))
+            if self.native is None:
+                hidden = hidden + attn.c_proj(out)
+                hidden = hidden + mlp(block.ln_2(hidden))
+            else:
+                hidden = self.dense(out, attn.c_proj, residual=hidden)
+                inner = self.dense(self.layer_norm(hidden, block.ln_2), mlp.c_fc, act=mlp.act)
+                hidden = self.dense(inner, mlp.c_proj, residual=hidden)
         last = ops.stack((ops.arange(0, b, dtype=ms.int32), lengths - 1), axis=-1)
+        if self.screen is not None:
+            return self.screened_token(ops.gather_nd(hidden, last))
         return self.head(ops.gather_nd(hidden, last))
 
 
@@ -407,20 +460,19 @@ class DecodeCell(_CachedCell):
     Built for few kernels per layer, since MindSpore on CPU pays per kernel: the key is written once and read
     transposed by the score matmul (no cache slice or transpose), the mask is one additive bias computed once per
     step, and every query head sharing a key/value head is one batched matmul. With `native` the blocks and the
-    LM head run on the native CPU kernels instead (`native_blocks`: 4 kernels per layer). Its phase is "increment":
+    LM head run on the native CPU kernels instead (`native_blocks`: 1 kernel per layer), and a greedy step given
+    `screen` picks its token with the native screened head (GreedyHead in cpu.cc). Its phase is "increment":
     MindSpore then reuses the compiled graph without re-walking the cell tree on every call (fixed input shapes
     per cell make that safe)."""
 
     def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, greedy: bool = False,
-                 head_t: Parameter | None = None, native: object | None = None) -> None:
-        super().__init__(model, cache, head_t, native)
+                 head_t: Parameter | None = None, native: object | None = None,
+                 screen: tuple[Parameter, Parameter] | None = None) -> None:
+        super().__init__(model, cache, head_t, native, screen if greedy else None)
         self.greedy = greedy
-        # native: each block as two calls (attention half, MLP half): 4 kernels per layer instead of ~24
+        # native: each block as one call that also writes the caches: 1 kernel per layer instead of ~24
         if native is not None:
-            self.attn_block, self.mlp_block = native.attn_block, native.mlp_block
-            cfg = model.config
-            self.native_meta = Tensor(np.array([cfg.layer_norm_epsilon, cfg.activation_function == "gelu"],
-                                               dtype=np.float32))
+            self.decode_layer = native.decode_layer
         self.slots = Tensor(np.arange(cache.max_len, dtype=np.int32))
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.scores_2d = ops.MatMul(transpose_b=True)
@@ -447,26 +499,24 @@ class DecodeCell(_CachedCell):
         return out.reshape(b, 1, self.n_head * self.head_dim)
 
     def native_blocks(self, hidden: Tensor, positions: Tensor) -> Tensor:
-        """The blocks on the native kernels: hidden [B,1,E] -> [B,E]; each block's new key and value are written
-        into its caches after the attention call that used them."""
-        b = hidden.shape[0]
-        rows = self.cache_rows(positions.reshape(b, 1)).reshape(-1)
-        hidden = hidden.reshape(b, -1)
+        """The blocks on the native kernels: hidden [B,1,E] -> [B,E]. Each call writes its block's new key and
+        value into the caches itself (in place, at each row's position): MindSpore passes a Parameter's own
+        memory to a Custom op, and nothing else reads these caches within the step."""
+        hidden = hidden.reshape(hidden.shape[0], -1)
         for i, block in enumerate(self.model.transformer.h):
             attn, mlp = block.attn, block.mlp
-            hidden, k, v = self.attn_block(hidden, block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight,
-                                           attn.c_attn.bias, self.keys[i], self.values[i], positions,
-                                           attn.c_proj.weight, attn.c_proj.bias, self.native_meta)
-            written = (self.update(self.keys[i], rows, k), self.update(self.values[i], rows, v))
-            hidden = ops.depend(self.mlp_block(hidden, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight,
-                                               mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
-                                               self.native_meta), written)
+            hidden = self.decode_layer(hidden, block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight,
+                                       attn.c_attn.bias, self.keys[i], self.values[i], positions, attn.c_proj.weight,
+                                       attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight,
+                                       mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, self.native_meta)
         return hidden
 
     def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         b = input_ids.shape[0]
         tr = self.model.transformer
         hidden = tr.embed(input_ids, positions.reshape(b, 1))
+        if self.screen is not None:
+            return self.screened_token(self.native_blocks(hidden, positions))
         if self.native_linear is not None:
             logits = self.head(self.native_blocks(hidden, positions))
         else:

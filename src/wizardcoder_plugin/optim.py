@@ -106,10 +106,12 @@ class AdamW(nn.Cell):
 
     The update is MindSpore's fused Adam kernel (ApplyAdam: one pass over p, m, v, g, ~10x faster on CPU than an
     elementwise composition or the AdamWeightDecay kernel) after the decoupled decay. Given beta^t = 1 - bc, it
-    computes p - lr sqrt(bc2) / bc1 * m / (sqrt(v) + eps'), which is torch's update with eps' = eps sqrt(bc2)."""
+    computes p - lr sqrt(bc2) / bc1 * m / (sqrt(v) + eps'), which is torch's update with eps' = eps sqrt(bc2).
+    With `native` on CPU (fp32 parameters), each parameter's decay, scaling, update and accumulator reset are one
+    native pass instead (0.37 -> ~0.2 s per tiny_starcoder step on one Xeon)."""
 
     def __init__(self, params: ParameterTuple, accum: ParameterTuple, beta1: float, beta2: float, eps: float,
-                 weight_decay: float) -> None:
+                 weight_decay: float, native: object | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.params = params
         self.accum = accum
@@ -128,8 +130,20 @@ class AdamW(nn.Cell):
         self.eps = eps
         self.decay = tuple(weight_decay if _decays(p.name) else 0.0 for p in params)
         self.adam = ops.Adam()
+        # `native` (kernels.NativeKernels, fp32 parameters only): each parameter's whole update as one native pass
+        # (AdamWStep: torch's formula, p, m, v written and the accumulator zeroed in place)
+        self.native_step = native.adamw_step if native is not None and not len(self.master) else None
+        self.eps_t = Tensor(eps, ms.float32)
+        self.decay_t = tuple(Tensor(np.array([d], np.float32)) for d in self.decay)
 
     def construct(self, lr: Tensor, grad_coef: Tensor, bc1: Tensor, bc2: Tensor) -> Tensor:
+        if self.native_step is not None:
+            hyper = ops.stack((lr, grad_coef, bc1, bc2, self.beta1, self.beta2, self.eps_t))
+            out = ops.zeros((1,), ms.float32)
+            for i in range(len(self.params)):
+                out = ops.depend(out, self.native_step(self.params[i], self.m[i], self.v[i], self.accum[i], hyper,
+                                                       self.decay_t[i]))
+            return out.sum()
         beta1_power, beta2_power = 1.0 - bc1, 1.0 - bc2
         eps = self.eps * ops.sqrt(bc2)
         out = ops.zeros((), ms.float32)

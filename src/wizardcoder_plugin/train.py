@@ -127,18 +127,19 @@ def _load_params(params: list, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
-def _native_training_kernels(model: object) -> bool:
+def _native_training_kernels(model: object) -> object | None:
     """On CPU, put every LayerNorm and MLP activation on the native kernels (MindSpore's CPU LayerNormGrad takes
-    ~14 ms per [1024, 768]; its composed GELU is ~15 elementwise passes forward and back); whether it was done
-    (not without a compiler, off CPU, or with ZOO_NATIVE_KERNELS=0)."""
+    ~14 ms per [1024, 768]; its composed GELU is ~15 elementwise passes forward and back); the kernels (for the
+    optimizer too) where that was done, else None (no compiler, off CPU, or ZOO_NATIVE_KERNELS=0)."""
     import mindspore as ms
 
     from .kernels import availability, native_kernels
 
     if ms.get_context("device_target") != "CPU" or not availability()[0]:
-        return False
-    model.use_native_training_kernels(native_kernels())  # type: ignore[attr-defined]
-    return True
+        return None
+    native = native_kernels()
+    model.use_native_training_kernels(native)  # type: ignore[attr-defined]
+    return native
 
 
 def _chunked_backwards(model: object, rows: int, min_features: int = 2048) -> dict[tuple[int, int], int]:
@@ -189,7 +190,7 @@ class Trainer:
         self.model = build_model(model_name, config, settings.weights, settings.precision, seed=settings.seed,
                                  allow_random=settings.mode == "pretrain")
         self.model.set_train(True)
-        _native_training_kernels(self.model)
+        native = _native_training_kernels(self.model)
         _chunked_backwards(self.model, settings.batch_size * seq)
         if settings.parallel.recompute:  # activation checkpointing per block: memory for compute, same numbers
             for block in self.model.transformer.h:
@@ -201,7 +202,7 @@ class Trainer:
         self.stats = GradStats(self.accum, reducer)
         self.clear = ClearGrads(self.accum)
         self.adamw = AdamW(self.params, self.accum, settings.beta1, settings.beta2, settings.eps,
-                           settings.weight_decay)
+                           settings.weight_decay, native)
         self.scaler = LossScaler(scale=settings.loss_scale if settings.precision == "fp16" else 1.0,
                                  factor=settings.loss_scale_factor, window=settings.loss_scale_window,
                                  dynamic=settings.precision == "fp16")

@@ -1,5 +1,6 @@
 """Native CPU kernels: `cpu.cc` (multi-threaded small-row linear layers and, on them, a GPTBigCode block's
-decode step in two calls; LayerNorm and GELU forward and backward for training; its header says why), compiled
+decode step in one call and the screened greedy LM head; the prefill's epilogues; LayerNorm and GELU forward and
+backward and the AdamW update for training; its header says why), compiled
 on first use with the machine's C++ compiler and run inside MindSpore graphs as Custom "aot" ops.
 
 The library is built once per (source, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
@@ -35,10 +36,15 @@ class NativeKernels:
     library: Path
     threads: int  # the pool's threads, the caller's included (ZOO_KERNEL_THREADS, else the CPUs it may use)
     linear: object  # (x [M,K], W [N,K]) -> [M,N]
-    attn_block: object  # (hidden [B,E], ln_1, c_attn, caches, positions, c_proj, meta) -> (hidden, keys, values)
-    mlp_block: object  # (hidden [B,E], ln_2, c_fc, c_proj, meta) -> hidden
+    # (hidden [B,E], ln_1, c_attn, key/value caches (written in place), positions, c_proj, ln_2, c_fc, c_proj,
+    # meta [eps, exact_gelu]) -> hidden
+    decode_layer: object
     layer_norm: object  # (x [..., E], weight, bias, meta [eps]) -> y, differentiable (native backward)
     gelu: object  # (x, meta [exact]) -> y, differentiable (native backward)
+    bias_add: object  # (y [R,N], b [N], optional residual [R,N]) -> y + b (+ residual)
+    bias_gelu: object  # (y [R,N], b [N], meta [exact]) -> GELU(y + b)
+    adamw_step: object  # (p, m, v, g, hyper [7], decay [1]) -> done [1]; p, m, v updated and g zeroed in place
+    greedy_head: object  # (hidden [B,E], ln_f, W [V,E], Q int8 [V,E], info [V,3], meta [eps]) -> ids [B] int64
 
 
 def cache_dir() -> Path:
@@ -126,16 +132,12 @@ def _build_and_wrap() -> NativeKernels:
         lib = ctypes.CDLL(str(library))  # a broken library fails here, with the loader's message, not in a graph
     except OSError as exc:
         raise KernelUnavailable(f"loading {library} failed: {exc}") from exc
+    import mindspore as ms
     from mindspore import ops
 
     def custom(entry: str, out_shape: object, outputs: int = 1) -> object:
         dtype = (lambda x, *_: x) if outputs == 1 else (lambda x, *_: [x] * outputs)
         return ops.Custom(f"{library}:{entry}", out_shape=out_shape, out_dtype=dtype, func_type="aot")
-
-    def attn_shapes(hidden: list, _g: list, _b: list, c_attn: list, *rest: list) -> list:
-        d = rest[1][1]  # the key cache [B*kv*T, d]
-        kv_rows = [hidden[0] * ((c_attn[0] - hidden[1]) // 2 // d), d]
-        return [list(hidden), kv_rows, kv_rows]
 
     layer_norm_backward = custom("LayerNormBackward", lambda x, g, *_: [list(x), list(g), list(g)], outputs=3)
 
@@ -153,10 +155,13 @@ def _build_and_wrap() -> NativeKernels:
                           func_type="aot", bprop=bprop)
 
     return NativeKernels(library, lib.KernelThreads(), custom("Linear", lambda x, w: [x[0], w[0]]),
-                         custom("AttnBlock", attn_shapes, outputs=3),
-                         custom("MlpBlock", lambda hidden, *_: list(hidden)),
+                         custom("DecodeLayer", lambda hidden, *_: list(hidden)),
                          differentiable("LayerNormForward", layer_norm_bprop),
-                         differentiable("GeluForward", gelu_bprop))
+                         differentiable("GeluForward", gelu_bprop),
+                         custom("BiasAdd", lambda y, *_: list(y)), custom("BiasGelu", lambda y, *_: list(y)),
+                         custom("AdamWStep", lambda *_: [1]),
+                         ops.Custom(f"{library}:GreedyHead", out_shape=lambda hidden, *_: [hidden[0]],
+                                    out_dtype=ms.int64, func_type="aot"))
 
 
 def availability() -> tuple[bool, str]:
