@@ -327,7 +327,6 @@ def test_bias_add_and_bias_gelu_equal_numpy(exact):
 def test_native_adamw_step_equals_the_mindspore_update():
     """AdamWStep (one in-place pass per parameter) against the ApplyAdam path over three steps: parameters and
     both moments, with decay on the matrix only and bias correction; the accumulators are zeroed."""
-    import mindspore as ms
     from mindspore import Parameter, ParameterTuple, Tensor
 
     from wizardcoder_plugin.optim import AdamW
