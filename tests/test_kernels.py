@@ -353,3 +353,26 @@ def test_native_adamw_step_equals_the_mindspore_update():
 
     for ours, ref in zip(run(native_kernels()), run(None), strict=True):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86-64 targets")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_avx2_and_portable_builds_pass_the_kernel_tests(march, tmp_path):
+    """The AVX2+FMA path (-march=haswell, the ISA of the benchmark issue's EPYC machines) and the plain C path
+    (-march=x86-64) built with ZOO_KERNEL_MARCH: this file's numeric tests and the decode/prefill cells against
+    HF, in a process of their own (the library is loaded once per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "ZOO_KERNEL_MARCH": march, "ZOO_KERNEL_CACHE": str(tmp_path)}
+    tests = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_kernels.py"),
+         str(tests / "test_modeling.py::test_prefill_and_decode_cells_equal_full_forward"),
+         "-k", "(greedy or linear or bias_add or adamw or layer_norm or gelu or native) and not builds"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert len(list(tmp_path.glob("cpu-*.so"))) == 1  # built for that target, not found in the default cache

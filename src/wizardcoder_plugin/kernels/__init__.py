@@ -1,11 +1,12 @@
 """Native CPU kernels: `cpu.cc` (multi-threaded small-row linear layers and, on them, a GPTBigCode block's
 decode step in one call and the screened greedy LM head; the prefill's epilogues; LayerNorm and GELU forward and
-backward and the AdamW update for training; its header says why), compiled
-on first use with the machine's C++ compiler and run inside MindSpore graphs as Custom "aot" ops.
+backward and the AdamW update for training; its header says why), compiled on first use with the machine's C++
+compiler and run inside MindSpore graphs as Custom "aot" ops.
 
 The library is built once per (source, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
-`~/.cache/zoo/kernels`), written atomically. Without a compiler, off x86-64/aarch64 Linux, or with
-`ZOO_NATIVE_KERNELS=0`, `native_kernels()` says why and decoding keeps MindSpore's own kernels.
+`~/.cache/zoo/kernels`), written atomically; `$ZOO_KERNEL_MARCH` picks the target (default `native`). Without a
+compiler, off x86-64/aarch64 Linux, or with `ZOO_NATIVE_KERNELS=0`, `native_kernels()` says why and decoding
+keeps MindSpore's own kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu.cc")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread")
+
+
+def flags() -> tuple[str, ...]:
+    """The compiler flags: FLAGS and `-march=$ZOO_KERNEL_MARCH` (default `native`; e.g. `haswell` for the AVX2
+    path, `x86-64` for the portable C one)."""
+    return (*FLAGS, f"-march={os.environ.get('ZOO_KERNEL_MARCH') or 'native'}")
 
 
 class KernelUnavailable(RuntimeError):
@@ -59,7 +66,7 @@ def _compiler() -> str:
 
 
 def _cpu_signature() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
+    """What -march=native compiles for: the CPU's model and feature flags (part of the cache key either way)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -78,7 +85,7 @@ def build(source: Path = SOURCE) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise KernelUnavailable(f"{cxx} --version failed: {exc}") from exc
-    key = hashlib.sha256("\0".join([source.read_text(), cxx, version, *FLAGS, _cpu_signature()]).encode())
+    key = hashlib.sha256("\0".join([source.read_text(), cxx, version, *flags(), _cpu_signature()]).encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
@@ -90,7 +97,7 @@ def build(source: Path = SOURCE) -> Path:
                                 "writable folder)") from exc
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cxx, *flags(), str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise KernelUnavailable(f"compiling {source.name} with {cxx} failed:\n{done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a concurrent builder's identical file may win, either is complete
