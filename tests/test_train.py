@@ -177,6 +177,10 @@ def test_resume_equals_uninterrupted_and_survives_a_killed_save(tmp_path, hf_tin
     assert [json.loads(x)["step"] for x in part_m] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([json.loads(x)["loss"] for x in part_m], [json.loads(x)["loss"] for x in full_m],
                                atol=1e-6)
+    # resuming a finished run trains nothing and reports the last recorded step
+    again = train(TrainSettings(output_dir=tmp_path / "full", resume=True, **common), hf_tiny)
+    assert again.steps == 6 and again.tokens_per_s > 0
+    assert again.final_loss == json.loads(full_m[-1])["loss"]
     # resuming with a different batch layout is refused, not silently misaligned
     with pytest.raises(InputError, match="batch_size was 2"):
         train(TrainSettings(output_dir=tmp_path / "part", resume=True, **(common | {"batch_size": 1})), hf_tiny)

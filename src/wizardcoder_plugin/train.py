@@ -278,6 +278,11 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.progress or self.rank != 0 or None)
         last_loss, tokens_per_s, saved = float("nan"), 0.0, None
+        if self.step and metrics_file.is_file():  # resumed: until a step runs, report the last one recorded
+            recorded = metrics_file.read_text(encoding="utf-8").splitlines()
+            if recorded:
+                last = json.loads(recorded[-1])
+                last_loss, tokens_per_s = last.get("loss", last_loss), last.get("tokens_per_s", tokens_per_s)
         step_tokens = self.reader.global_batch * (self.reader.width - 1) * s.grad_accum
         try:
             while self.step < self.total_steps:
