@@ -356,6 +356,27 @@ def test_native_adamw_step_equals_the_mindspore_update():
 
 
 @needs_kernels
+def test_sum_squares_equals_float64():
+    """GradStats' native pass: the squared L2 norm over several tensors (one below the pool's cutoff, one odd-sized
+    above it) against float64."""
+    import mindspore as ms
+    from mindspore import Parameter, ParameterTuple, Tensor
+
+    from wizardcoder_plugin.optim import GradStats
+    from wizardcoder_plugin.runtime import init_mindspore
+
+    init_mindspore()
+    rng = np.random.default_rng(13)
+    grads = [rng.standard_normal(s, dtype=np.float32) for s in ((7,), (301, 257), (3, 5, 11))]
+    accum = ParameterTuple(Parameter(Tensor(g), name=f"g{i}") for i, g in enumerate(grads))
+    want = sum(float((g.astype(np.float64) ** 2).sum()) for g in grads)
+    ours = float(GradStats(accum, None, native_kernels())().asnumpy())
+    plain = float(GradStats(accum, None)().asnumpy())
+    assert abs(ours - want) <= 1e-6 * want and abs(plain - want) <= 1e-4 * want
+    assert ms.get_context("mode") == ms.GRAPH_MODE
+
+
+@needs_kernels
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86-64 targets")
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
 def test_avx2_and_portable_builds_pass_the_kernel_tests(march, tmp_path):
@@ -372,7 +393,7 @@ def test_avx2_and_portable_builds_pass_the_kernel_tests(march, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_kernels.py"),
          str(tests / "test_modeling.py::test_prefill_and_decode_cells_equal_full_forward"),
-         "-k", "(greedy or linear or bias_add or adamw or layer_norm or gelu or native) and not builds"],
+         "-k", "(greedy or linear or bias_add or adamw or sum_squares or layer_norm or gelu or native) and not builds"],
         env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert len(list(tmp_path.glob("cpu-*.so"))) == 1  # built for that target, not found in the default cache

@@ -67,10 +67,12 @@ class AccumulateGrads(nn.Cell):
 class GradStats(nn.Cell):
     """All-reduces the accumulators over data-parallel ranks (mean) and returns their squared L2 norm."""
 
-    def __init__(self, accum: ParameterTuple, reducer: nn.Cell | None) -> None:
+    def __init__(self, accum: ParameterTuple, reducer: nn.Cell | None, native: object | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.accum = accum
         self.reducer = reducer
+        # `native` (kernels.NativeKernels): each tensor's squares summed in one native pass (float64 partials)
+        self.sum_squares = native.sum_squares if native is not None else None
 
     def construct(self) -> Tensor:
         grads = tuple(self.accum)
@@ -80,6 +82,11 @@ class GradStats(nn.Cell):
             for i in range(len(reduced)):
                 total = ops.depend(total, ops.assign(self.accum[i], reduced[i]))
             grads = reduced
+        if self.sum_squares is not None:
+            running = ops.zeros((1,), ms.float32)
+            for g in grads:
+                running = self.sum_squares(g, running)
+            return running.reshape(())
         for g in grads:  # last axis first: MindSpore's CPU all-axes ReduceSum is ~10x slower on large tensors
             total = total + (g * g).sum(-1).sum()
         return total

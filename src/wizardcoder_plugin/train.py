@@ -199,7 +199,7 @@ class Trainer:
         self.accum = fp32_zeros(self.params, "accum")
         reducer = nn.DistributedGradReducer(self.accum, mean=True, degree=self.world) if self.world > 1 else None
         self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id), self.params, self.accum)
-        self.stats = GradStats(self.accum, reducer)
+        self.stats = GradStats(self.accum, reducer, native)
         self.clear = ClearGrads(self.accum)
         self.adamw = AdamW(self.params, self.accum, settings.beta1, settings.beta2, settings.eps,
                            settings.weight_decay, native)

@@ -50,6 +50,7 @@ class NativeKernels:
     gelu: object  # (x, meta [exact]) -> y, differentiable (native backward)
     bias_add: object  # (y [R,N], b [N], optional residual [R,N]) -> y + b (+ residual)
     bias_gelu: object  # (y [R,N], b [N], meta [exact]) -> GELU(y + b)
+    sum_squares: object  # (g, total [1]) -> total + sum(g^2) [1]
     adamw_step: object  # (p, m, v, g, hyper [7], decay [1]) -> done [1]; p, m, v updated and g zeroed in place
     greedy_head: object  # (hidden [B,E], ln_f, W [V,E], Q int8 [V,E], info [V,3], meta [eps]) -> ids [B] int64
 
@@ -166,7 +167,7 @@ def _build_and_wrap() -> NativeKernels:
                          differentiable("LayerNormForward", layer_norm_bprop),
                          differentiable("GeluForward", gelu_bprop),
                          custom("BiasAdd", lambda y, *_: list(y)), custom("BiasGelu", lambda y, *_: list(y)),
-                         custom("AdamWStep", lambda *_: [1]),
+                         custom("SumSquares", lambda *_: [1]), custom("AdamWStep", lambda *_: [1]),
                          ops.Custom(f"{library}:GreedyHead", out_shape=lambda hidden, *_: [hidden[0]],
                                     out_dtype=ms.int64, func_type="aot"))
 

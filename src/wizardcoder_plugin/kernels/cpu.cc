@@ -812,6 +812,32 @@ extern "C" int AdamWStep(int nparam, void **params, int *ndims, int64_t **shapes
   return 0;
 }
 
+// params: g [...], total [1] -> total + sum(g^2) [1]: the gradient norm's square one tensor at a time in one pass
+// (MindSpore: a multiply and two reductions per tensor, 0.13 s per tiny_starcoder step), each part summed in
+// float64 and the parts added in a fixed order.
+extern "C" int SumSquares(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                          void *) {
+  if (nparam != 3 || !fp32(dtypes[0]) || !fp32(dtypes[1]) || product(shapes[1], ndims[1]) != 1) return 1;
+  const int64_t n = product(shapes[0], ndims[0]);
+  const float *g = static_cast<const float *>(params[0]);
+  const int64_t n_parts = parts(n * 4);
+  std::vector<double> partial(n_parts, 0.);
+  split(n, n_parts, [&](int t, int64_t lo, int64_t hi) {
+    double lane[8] = {0., 0., 0., 0., 0., 0., 0., 0.};  // 8 independent sums: the loop vectorizes
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8)
+      for (int j = 0; j < 8; ++j) lane[j] += static_cast<double>(g[i + j]) * g[i + j];
+    double sum = 0.;
+    for (; i < hi; ++i) sum += static_cast<double>(g[i]) * g[i];
+    for (int j = 0; j < 8; ++j) sum += lane[j];
+    partial[t] = sum;
+  });
+  double total = static_cast<const float *>(params[1])[0];
+  for (double x : partial) total += x;
+  static_cast<float *>(params[2])[0] = static_cast<float>(total);
+  return 0;
+}
+
 // ----------------------------------------------------------------------------------------------- GELU (training)
 // MindSpore runs the composed GELU as ~5 elementwise kernels forward and ~10 backward over [rows, 4*hidden]
 // (each a full pass over memory); these are one pass each (the forms of gelu() above).
