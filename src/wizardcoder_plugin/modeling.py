@@ -347,12 +347,12 @@ class _CachedCell(nn.Cell):
         self.head_t = head_t  # the LM head's transposed copy, where that layout is the faster one
         # `native` (kernels.NativeKernels): the LM head on the native small-row linear kernel (and the blocks on
         # native kernels: see PrefillCell, DecodeCell)
+        self.native = native
         self.native_linear = native.linear if native is not None else None
         # with `screen` (the head's int8 screening copy: Q, info; kernels/head.py) on native kernels the graph
         # returns greedy token ids [B] int64 from the screened head: the fp32 argmax at a quarter of the bytes
         self.screen = screen if native is not None else None
         if native is not None:
-            self.greedy_head = native.greedy_head
             cfg = model.config
             self.native_meta = Tensor(np.array([cfg.layer_norm_epsilon, cfg.activation_function == "gelu"],
                                                dtype=np.float32))
@@ -369,8 +369,8 @@ class _CachedCell(nn.Cell):
     def screened_token(self, hidden: Tensor) -> Tensor:
         """Final LayerNorm and the screened greedy head: [B,E] -> token ids [B] int64 (needs `screen`)."""
         tr = self.model.transformer
-        return self.greedy_head(hidden, tr.ln_f.weight, tr.ln_f.bias, tr.wte.weight, self.screen[0], self.screen[1],
-                                self.native_meta)
+        return self.native.greedy_head(hidden, tr.ln_f.weight, tr.ln_f.bias, tr.wte.weight, self.screen[0],
+                                       self.screen[1], self.native_meta)
 
     def by_head(self, x: Tensor) -> Tensor:
         """[B,S,kv*d] -> [B*kv,S,d] (a reshape for multi-query)."""
@@ -406,7 +406,6 @@ class PrefillCell(_CachedCell):
     def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None,
                  native: object | None = None, screen: tuple[Parameter, Parameter] | None = None) -> None:
         super().__init__(model, cache, head_t, native, screen)
-        self.native = native
         self.matmul_t = ops.MatMul(transpose_b=True)
 
     def dense(self, x: Tensor, linear: Linear, residual: Tensor | None = None, act: Activation | None = None) -> Tensor:
@@ -470,9 +469,6 @@ class DecodeCell(_CachedCell):
                  screen: tuple[Parameter, Parameter] | None = None) -> None:
         super().__init__(model, cache, head_t, native, screen if greedy else None)
         self.greedy = greedy
-        # native: each block as one call that also writes the caches: 1 kernel per layer instead of ~24
-        if native is not None:
-            self.decode_layer = native.decode_layer
         self.slots = Tensor(np.arange(cache.max_len, dtype=np.int32))
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.scores_2d = ops.MatMul(transpose_b=True)
@@ -505,10 +501,11 @@ class DecodeCell(_CachedCell):
         hidden = hidden.reshape(hidden.shape[0], -1)
         for i, block in enumerate(self.model.transformer.h):
             attn, mlp = block.attn, block.mlp
-            hidden = self.decode_layer(hidden, block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight,
-                                       attn.c_attn.bias, self.keys[i], self.values[i], positions, attn.c_proj.weight,
-                                       attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight,
-                                       mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias, self.native_meta)
+            hidden = self.native.decode_layer(hidden, block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight,
+                                              attn.c_attn.bias, self.keys[i], self.values[i], positions,
+                                              attn.c_proj.weight, attn.c_proj.bias, block.ln_2.weight,
+                                              block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
+                                              mlp.c_proj.bias, self.native_meta)
         return hidden
 
     def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
@@ -517,7 +514,7 @@ class DecodeCell(_CachedCell):
         hidden = tr.embed(input_ids, positions.reshape(b, 1))
         if self.screen is not None:
             return self.screened_token(self.native_blocks(hidden, positions))
-        if self.native_linear is not None:
+        if self.native is not None:
             logits = self.head(self.native_blocks(hidden, positions))
         else:
             rows = self.cache_rows(positions.reshape(b, 1))

@@ -140,8 +140,9 @@ class AdamW(nn.Cell):
         # `native` (kernels.NativeKernels, fp32 parameters only): each parameter's whole update as one native pass
         # (AdamWStep: torch's formula, p, m, v written and the accumulator zeroed in place)
         self.native_step = native.adamw_step if native is not None and not len(self.master) else None
-        self.eps_t = Tensor(eps, ms.float32)
-        self.decay_t = tuple(Tensor(np.array([d], np.float32)) for d in self.decay)
+        if self.native_step is not None:
+            self.eps_t = Tensor(eps, ms.float32)
+            self.decay_t = tuple(Tensor(np.array([d], np.float32)) for d in self.decay)
 
     def construct(self, lr: Tensor, grad_coef: Tensor, bc1: Tensor, bc2: Tensor) -> Tensor:
         if self.native_step is not None:

@@ -25,7 +25,7 @@ import numpy as np
 from registry_spec.errors import InputError
 from registry_spec.specs import TrainResult
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, write_jsonl
 from .config import GPTBigCodeConfig
 from .preprocess import COLUMNS, read_mindrecord
 from .run_config import TrainSettings
@@ -133,11 +133,14 @@ def _native_training_kernels(model: object) -> object | None:
     optimizer too) where that was done, else None (no compiler, off CPU, or ZOO_NATIVE_KERNELS=0)."""
     import mindspore as ms
 
-    from .kernels import availability, native_kernels
+    from .kernels import KernelUnavailable, native_kernels
 
-    if ms.get_context("device_target") != "CPU" or not availability()[0]:
+    if ms.get_context("device_target") != "CPU":
         return None
-    native = native_kernels()
+    try:
+        native = native_kernels()
+    except KernelUnavailable:
+        return None
     model.use_native_training_kernels(native)  # type: ignore[attr-defined]
     return native
 
@@ -272,17 +275,12 @@ class Trainer:
             elif self.rank == 0:
                 print(f"--resume: no checkpoint in {s.output_dir}; starting from step 0", file=sys.stderr)
         metrics_file = s.output_dir / "metrics.jsonl"
-        if self.rank == 0:
-            _truncate_metrics(metrics_file, self.step)
+        last = _truncate_metrics(metrics_file, self.step) if self.rank == 0 else {}
         batches = self.reader.batches(self.micro_position % self.reader.micro_batches_per_epoch)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.progress or self.rank != 0 or None)
-        last_loss, tokens_per_s, saved = float("nan"), 0.0, None
-        if self.step and metrics_file.is_file():  # resumed: until a step runs, report the last one recorded
-            recorded = metrics_file.read_text(encoding="utf-8").splitlines()
-            if recorded:
-                last = json.loads(recorded[-1])
-                last_loss, tokens_per_s = last.get("loss", last_loss), last.get("tokens_per_s", tokens_per_s)
+        # resumed: until a step runs, the result reports the last one recorded
+        last_loss, tokens_per_s, saved = last.get("loss", float("nan")), last.get("tokens_per_s", 0.0), None
         step_tokens = self.reader.global_batch * (self.reader.width - 1) * s.grad_accum
         try:
             while self.step < self.total_steps:
@@ -355,10 +353,11 @@ class _LossMean:
         return self.all_reduce(x) / self.world
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows past `step` (a resumed run re-logs them)."""
+def _truncate_metrics(path: Path, step: int) -> dict:
+    """Drop metric rows past `step` (a resumed run re-logs them); the last row kept ({} if none)."""
     if not path.is_file():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        return {}
+    keep = [row for row in map(json.loads, filter(str.strip, path.read_text(encoding="utf-8").splitlines()))
+            if row.get("step", 0) <= step]
+    write_jsonl(path, keep)
+    return keep[-1] if keep else {}

@@ -143,8 +143,10 @@ def _build_and_wrap() -> NativeKernels:
     import mindspore as ms
     from mindspore import ops
 
-    def custom(entry: str, out_shape: object, outputs: int = 1) -> object:
-        dtype = (lambda x, *_: x) if outputs == 1 else (lambda x, *_: [x] * outputs)
+    def custom(entry: str, out_shape: object, outputs: int = 1, dtype: object = None) -> object:
+        """An entry point as a Custom op; its outputs take the first input's dtype unless `dtype` is given."""
+        if dtype is None:
+            dtype = (lambda x, *_: x) if outputs == 1 else (lambda x, *_: [x] * outputs)
         return ops.Custom(f"{library}:{entry}", out_shape=out_shape, out_dtype=dtype, func_type="aot")
 
     layer_norm_backward = custom("LayerNormBackward", lambda x, g, *_: [list(x), list(g), list(g)], outputs=3)
@@ -168,8 +170,7 @@ def _build_and_wrap() -> NativeKernels:
                          differentiable("GeluForward", gelu_bprop),
                          custom("BiasAdd", lambda y, *_: list(y)), custom("BiasGelu", lambda y, *_: list(y)),
                          custom("SumSquares", lambda *_: [1]), custom("AdamWStep", lambda *_: [1]),
-                         ops.Custom(f"{library}:GreedyHead", out_shape=lambda hidden, *_: [hidden[0]],
-                                    out_dtype=ms.int64, func_type="aot"))
+                         custom("GreedyHead", lambda hidden, *_: [hidden[0]], dtype=ms.int64))
 
 
 def availability() -> tuple[bool, str]:
