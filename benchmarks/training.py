@@ -81,11 +81,13 @@ def main() -> None:
     a = ap.parse_args()
     config = load_config(a.config) if a.config else PRESETS["wizardcoder-tiny"]
     config = config.model_copy(update={"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
-    work = Path(tempfile.mkdtemp(prefix="zoo-train-bench-"))
     data_rows = rows(a.batch_size * a.steps, a.seq_length + 1)
-    data = work / "d.mindrecord"
-    write_mindrecord(data, iter(data_rows), progress=False)
-    mine = statistics.median(ours(config, data, work, a.batch_size, a.steps))
+    # the run writes a full checkpoint (1.9 GB on the tiny_starcoder shape): gone when the script ends or fails
+    with tempfile.TemporaryDirectory(prefix="zoo-train-bench-") as tmp:
+        work = Path(tmp)
+        data = work / "d.mindrecord"
+        write_mindrecord(data, iter(data_rows), progress=False)
+        mine = statistics.median(ours(config, data, work, a.batch_size, a.steps))
     ref = statistics.median(hf(config, data_rows, a.batch_size, a.steps))
     tokens = a.batch_size * a.seq_length
     table = ("| engine | step s (median) | tokens/s |\n|---|---|---|\n"
