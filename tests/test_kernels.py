@@ -1,7 +1,8 @@
 """The native kernels: the linear kernel against numpy (in a MindSpore graph and called directly), the screened
-greedy head against the exact argmax (ties, near ties, flat rows), the prefill epilogues, LayerNorm and GELU
-against torch, the build cache and its failures, the thread pool after fork(), Generator's fallback. The decode
-layers and the prefill are checked against HF in test_modeling.py and test_generate.py."""
+greedy head against the exact argmax (ties, near ties, flat rows), the prefill epilogues, LayerNorm, GELU, the
+linear layers' backward and the cross-entropy against torch, the build cache and its failures, the thread pool
+after fork(), Generator's fallback. The decode layers and the prefill are checked against HF in test_modeling.py
+and test_generate.py."""
 
 from __future__ import annotations
 
@@ -377,6 +378,68 @@ def test_sum_squares_equals_float64():
 
 
 @needs_kernels
+@pytest.mark.parametrize("m,k,n", [(6, 100, 7), (37, 45, 50), (100, 300, 33), (29, 513, 70)])
+def test_linear_backward_equals_torch(m, k, n):
+    """NativeBackwardDense (the trainer's native backward of a linear layer): dx, dW, db against torch autograd,
+    on shapes off every tile size (rows, columns and the inner dimension past one packed block: K 513 > 256,
+    M 300 rows for dW), one below the pool's cutoff."""
+    import torch
+    from mindspore import Tensor
+
+    from wizardcoder_plugin.modeling import DenseGrad, NativeBackwardDense
+    from wizardcoder_plugin.runtime import init_mindspore
+
+    init_mindspore()
+    rng = np.random.default_rng(21)
+    x, w, b, dy = (rng.standard_normal(s, dtype=np.float32) for s in ((m, k), (n, k), (n,), (m, n)))
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    torch.nn.functional.linear(tx, tw, tb).backward(torch.tensor(dy))
+    got = DenseGrad(NativeBackwardDense(native_kernels().linear_backward))(*(Tensor(a) for a in (x, w, b, dy)))
+    for ours, ref in zip(got, (tx.grad, tw.grad, tb.grad), strict=True):
+        np.testing.assert_allclose(ours.asnumpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,vocab", [(6, 37), (64, 1000), (16, 49153)])
+def test_cross_entropy_equals_torch(rows, vocab):
+    """The native per-token loss and its gradient (the trainer's on CPU) against torch's cross_entropy, with
+    ignored labels (-100) and large logits; a batch with no labelled token gives 0, not NaN."""
+    import mindspore as ms
+    import torch
+    from mindspore import Tensor, nn, ops
+
+    from wizardcoder_plugin.optim import causal_lm_loss
+    from wizardcoder_plugin.runtime import init_mindspore
+
+    init_mindspore()
+    rng = np.random.default_rng(22)
+    logits = (rng.standard_normal((2, rows // 2, vocab)) * 8).astype(np.float32)
+    labels = rng.integers(0, vocab, size=(2, rows // 2)).astype(np.int32)
+    labels[0, 1] = labels[1, -1] = -100
+
+    class Loss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.native = native_kernels()
+
+        def construct(self, x, y):
+            return causal_lm_loss(x, y, self.native)
+
+    loss_cell = Loss()
+    loss = float(loss_cell(Tensor(logits), Tensor(labels)).asnumpy())
+    grad = ops.GradOperation()(loss_cell)(Tensor(logits), Tensor(labels)).asnumpy()
+    t = torch.tensor(logits, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(t.reshape(-1, vocab), torch.tensor(labels.reshape(-1), dtype=torch.long))
+    ref.backward()
+    assert abs(loss - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-5, atol=1e-7)
+    assert not grad[0, 1].any() and not grad[1, -1].any()
+    none = np.full((1, 4), -100, np.int32)
+    assert float(loss_cell(Tensor(np.zeros((1, 4, 9), np.float32)), Tensor(none)).asnumpy()) == 0.0
+    assert ms.get_context("mode") == ms.GRAPH_MODE
+
+
+@needs_kernels
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86-64 targets")
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])
 def test_avx2_and_portable_builds_pass_the_kernel_tests(march, tmp_path):
@@ -393,7 +456,8 @@ def test_avx2_and_portable_builds_pass_the_kernel_tests(march, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_kernels.py"),
          str(tests / "test_modeling.py::test_prefill_and_decode_cells_equal_full_forward"),
-         "-k", "(greedy or linear or bias_add or adamw or sum_squares or layer_norm or gelu or native) and not builds"],
+         "-k", "(greedy or linear or bias_add or adamw or sum_squares or layer_norm or gelu or native or cross_entropy)"
+         " and not builds"],
         env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert len(list(tmp_path.glob("cpu-*.so"))) == 1  # built for that target, not found in the default cache

@@ -331,17 +331,19 @@ def test_cli_finetune_tiny_on_code_alpaca_lowers_the_loss(tmp_path):
     assert bad.returncode != 0 and "zoo preprocess" in bad.stderr
 
 
-def test_chunked_backward_gives_the_same_gradients(hf_tiny):
-    """The trainer's faster backward for wide linear layers: dx, dW, db equal torch's for an uneven split, the
-    whole model's gradients are unchanged with every layer chunked, and the shape probe marks only what it picked."""
+def test_other_backwards_give_the_same_gradients(hf_tiny):
+    """The trainer's faster backwards for linear layers: chunked dx, dW, db equal torch's for an uneven split; the
+    whole model's gradients are unchanged with every layer chunked (identical) or on the native backward (fp32
+    rounding); the shape probe marks only what it picked."""
     import mindspore as ms
     import torch
     from mindspore import Parameter, ParameterTuple, Tensor
 
-    from wizardcoder_plugin.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear
+    from wizardcoder_plugin.kernels import availability, native_kernels
+    from wizardcoder_plugin.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
     from wizardcoder_plugin.optim import AccumulateGrads, CausalLMLoss
     from wizardcoder_plugin.runtime import build_model
-    from wizardcoder_plugin.train import _chunked_backwards
+    from wizardcoder_plugin.train import _choose_backwards
 
     rng = np.random.default_rng(5)
     x, w, b, dy = (rng.standard_normal(s, dtype=np.float32) for s in ((6, 100), (7, 100), (7,), (6, 7)))
@@ -352,26 +354,35 @@ def test_chunked_backward_gives_the_same_gradients(hf_tiny):
         for ours, ref in zip(got, (tx.grad, tw.grad, tb.grad), strict=True):
             np.testing.assert_allclose(ours.asnumpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
 
-    def grads(chunked: bool) -> list:
+    native = native_kernels() if availability()[0] else None
+
+    def grads(kind: str) -> list:
         net = build_model("custom", load_config(hf_tiny), hf_tiny)
         net.set_train(True)
-        if chunked:
-            for _, cell in net.cells_and_names():
-                if isinstance(cell, Linear):
-                    cell.dense = ChunkedBackwardDense(2)
+        for _, cell in net.cells_and_names():
+            if isinstance(cell, Linear) and kind != "plain":
+                cell.dense = ChunkedBackwardDense(2) if kind == "chunked" else NativeBackwardDense(
+                    native.linear_backward)
         params = ParameterTuple(net.trainable_params())
-        accum = ParameterTuple(Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"g{chunked}.{p.name}",
+        accum = ParameterTuple(Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"g{kind}.{p.name}",
                                          requires_grad=False) for p in params)
         ids = Tensor(np.stack([r[0] for r in make_rows(2, 17, seed=6)]))
         AccumulateGrads(CausalLMLoss(net, PAD), params, accum)(ids, ids, Tensor(1.0, ms.float32)).asnumpy()
         return [a.asnumpy() for a in accum]
 
-    for ours, ref in zip(grads(True), grads(False), strict=True):
+    plain = grads("plain")
+    for ours, ref in zip(grads("chunked"), plain, strict=True):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    if native is not None:
+        for ours, ref in zip(grads("native"), plain, strict=True):
+            np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
     net = build_model("custom", load_config(hf_tiny), hf_tiny)
-    chosen = _chunked_backwards(net, 32, min_features=64)  # every linear shape of the tiny model is timed
-    assert set(chosen.values()) <= {2}
+    chosen = _choose_backwards(net, 32, native, min_features=64)  # every linear shape of the tiny model is timed
+    assert set(chosen.values()) <= {"chunked", "native"}
+    kinds = {"chunked": ChunkedBackwardDense, "native": NativeBackwardDense}
     for _, cell in net.cells_and_names():
         if isinstance(cell, Linear):
-            assert (cell.dense is not None) == (tuple(cell.weight.shape) in chosen)
+            shape = tuple(cell.weight.shape)
+            assert (cell.dense is None) == (shape not in chosen)
+            assert shape not in chosen or type(cell.dense) is kinds[chosen[shape]]

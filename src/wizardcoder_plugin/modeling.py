@@ -28,8 +28,8 @@ _MASK_MIN = float(np.finfo(np.float32).min)
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b with HF's [out, in] weight layout. The trainer may set `dense` to a `ChunkedBackwardDense`
-    (the same product, another backward)."""
+    """y = x W^T + b with HF's [out, in] weight layout. The trainer may set `dense` to a `ChunkedBackwardDense` or
+    a `NativeBackwardDense` (the same product, another backward)."""
 
     def __init__(self, in_features: int, out_features: int, init_range: float, dtype: ms.Type) -> None:
         super().__init__()
@@ -75,9 +75,24 @@ class ChunkedBackwardDense(Dense):
         return dx, dw, dout.sum(0)
 
 
+class NativeBackwardDense(Dense):
+    """ops.dense(x [M,K], W [N,K], b) (MindSpore's MatMul forward) whose backward is one native call
+    (kernels.NativeKernels.linear_backward: a packed GEMM for dx and dW, and db, in fp32), which beats MindSpore's
+    CPU MatMul on the backward products of some shapes by up to 2x. Same math, other rounding order; the trainer
+    times it against the others per shape."""
+
+    def __init__(self, backward: object) -> None:
+        super().__init__()
+        self.backward = backward
+
+    def bprop(self, x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dx, dw, db = self.backward(x, w, dout)
+        return dx, dw, db
+
+
 class DenseGrad(nn.Cell):
-    """(dx, dW, db) of `dense` (a Dense or a ChunkedBackwardDense) for the sensitivity dy: what the trainer times
-    to choose between them."""
+    """(dx, dW, db) of `dense` (a Dense, ChunkedBackwardDense or NativeBackwardDense) for the sensitivity dy: what
+    the trainer times to choose between them."""
 
     def __init__(self, dense: Dense) -> None:
         super().__init__()

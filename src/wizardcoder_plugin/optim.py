@@ -18,31 +18,38 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def causal_lm_loss(logits: Tensor, labels: Tensor, native: object | None = None) -> Tensor:
     """Mean next-token cross-entropy over labels != -100 (logits [B,S,V] predict labels [B,S], already shifted).
-    Equal to HF's loss; 0 (not NaN) when a batch has no labelled token."""
+    Equal to HF's loss; 0 (not NaN) when a batch has no labelled token. `native` (kernels.NativeKernels, fp32
+    logits): the per-token losses and their gradient from the native kernels instead of LogSoftmax + GatherD."""
     v = logits.shape[-1]
-    logp = ops.log_softmax(logits.reshape(-1, v).astype(ms.float32), axis=-1)
     flat = labels.reshape(-1, 1)
     keep = flat != IGNORE_INDEX
-    nll = -ops.gather_elements(logp, 1, ops.select(keep, flat, ops.zeros_like(flat)))
     keep_f = keep.astype(ms.float32)
+    if native is not None:
+        nll, _ = native.cross_entropy(logits.reshape(-1, v).astype(ms.float32),  # type: ignore[attr-defined]
+                                      labels.reshape(-1).astype(ms.int32))
+        return nll.sum() / ops.maximum(keep_f.sum(), 1.0)
+    logp = ops.log_softmax(logits.reshape(-1, v).astype(ms.float32), axis=-1)
+    nll = -ops.gather_elements(logp, 1, ops.select(keep, flat, ops.zeros_like(flat)))
     return (nll * keep_f).sum() / ops.maximum(keep_f.sum(), 1.0)
 
 
 class CausalLMLoss(nn.Cell):
     """rows [B, S+1] -> loss of predicting tokens 1..S from 0..S-1 (the reference's input/label shift)."""
 
-    def __init__(self, model: nn.Cell, pad_token_id: int) -> None:
+    def __init__(self, model: nn.Cell, pad_token_id: int, native: object | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.model = model
         self.pad = pad_token_id
+        self.native = native  # kernels.NativeKernels for the loss (see causal_lm_loss), or None
 
     def construct(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         tokens, targets = input_ids[:, :-1], labels[:, 1:]
         b, s = tokens.shape
         positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
-        return causal_lm_loss(self.model(tokens, positions, (tokens != self.pad).astype(ms.int32)), targets)
+        logits = self.model(tokens, positions, (tokens != self.pad).astype(ms.int32))
+        return causal_lm_loss(logits, targets, self.native)
 
 
 class AccumulateGrads(nn.Cell):

@@ -145,32 +145,44 @@ def _native_training_kernels(model: object) -> object | None:
     return native
 
 
-def _chunked_backwards(model: object, rows: int, min_features: int = 2048) -> dict[tuple[int, int], int]:
-    """On CPU, for each linear shape with at least `min_features` inputs, time one forward+backward of the plain
-    dense against `ChunkedBackwardDense(2)` on `rows` random rows and give the layers of that shape the faster
-    (a >=10% win); {(out, in): chunks} for the shapes that changed. Identical results either way."""
+def _choose_backwards(model: object, rows: int, native: object | None, min_features: int = 2048
+                      ) -> dict[tuple[int, int], str]:
+    """On CPU, for each linear shape, time one forward+backward on `rows` random rows with MindSpore's backward,
+    with `ChunkedBackwardDense(2)` (shapes of at least `min_features` inputs) and with `NativeBackwardDense`
+    (`native` kernels, fp32 weights) and give the layers of that shape the fastest where it wins by >= 10%;
+    {(out, in): "chunked" | "native"} for the shapes that changed. Same math either way (chunked: identical
+    results; native: fp32 with another summation order)."""
     import mindspore as ms
 
-    from .modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear
+    from .modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
     from .runtime import fastest_call
 
     if ms.get_context("device_target") != "CPU":
         return {}
     layers: dict[tuple[int, int], list] = {}
     for _, cell in model.cells_and_names():  # type: ignore[attr-defined]
-        if isinstance(cell, Linear) and cell.weight.shape[1] >= min_features:
+        if isinstance(cell, Linear):
             layers.setdefault(tuple(cell.weight.shape), []).append(cell)
     chosen = {}
     rng = np.random.default_rng(0)
     for (n, k), cells in layers.items():
         dtype = cells[0].weight.dtype
+        options: dict[str, Callable[[], object]] = {}
+        if k >= min_features:
+            options["chunked"] = lambda: ChunkedBackwardDense(2)
+        if native is not None and dtype == ms.float32:
+            options["native"] = lambda: NativeBackwardDense(native.linear_backward)  # type: ignore[attr-defined]
+        if not options:
+            continue
         args = tuple(ms.Tensor(rng.standard_normal(shape, dtype=np.float32), dtype=dtype)
                      for shape in ((rows, k), (n, k), (n,), (rows, n)))
-        best = fastest_call({1: DenseGrad(Dense()), 2: DenseGrad(ChunkedBackwardDense(2))}, args, rounds=2, calls=2)
-        if best[2] < 0.9 * best[1]:
-            chosen[(n, k)] = 2
+        cells_to_time = {"mindspore": DenseGrad(Dense())} | {name: DenseGrad(make()) for name, make in options.items()}
+        best = fastest_call(cells_to_time, args, rounds=2, calls=2)
+        winner = min(options, key=lambda name: best[name])
+        if best[winner] < 0.9 * best["mindspore"]:
+            chosen[(n, k)] = winner
             for cell in cells:
-                cell.dense = ChunkedBackwardDense(2)
+                cell.dense = options[winner]()
     return chosen
 
 
@@ -194,14 +206,14 @@ class Trainer:
                                  allow_random=settings.mode == "pretrain")
         self.model.set_train(True)
         native = _native_training_kernels(self.model)
-        _chunked_backwards(self.model, settings.batch_size * seq)
+        self.backwards = _choose_backwards(self.model, settings.batch_size * seq, native)
         if settings.parallel.recompute:  # activation checkpointing per block: memory for compute, same numbers
             for block in self.model.transformer.h:
                 block.recompute()
         self.params = ParameterTuple(self.model.trainable_params())
         self.accum = fp32_zeros(self.params, "accum")
         reducer = nn.DistributedGradReducer(self.accum, mean=True, degree=self.world) if self.world > 1 else None
-        self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id), self.params, self.accum)
+        self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id, native), self.params, self.accum)
         self.stats = GradStats(self.accum, reducer, native)
         self.clear = ClearGrads(self.accum)
         self.adamw = AdamW(self.params, self.accum, settings.beta1, settings.beta2, settings.eps,

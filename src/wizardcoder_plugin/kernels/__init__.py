@@ -1,7 +1,7 @@
 """Native CPU kernels: `cpu.cc` (multi-threaded small-row linear layers and, on them, a GPTBigCode block's
-decode step in one call and the screened greedy LM head; the prefill's epilogues; LayerNorm and GELU forward and
-backward and the AdamW update for training; its header says why), compiled on first use with the machine's C++
-compiler and run inside MindSpore graphs as Custom "aot" ops.
+decode step in one call and the screened greedy LM head; the prefill's epilogues; for training LayerNorm and GELU
+forward and backward, linear layers' backward and the AdamW update; its header says why), compiled on first use
+with the machine's C++ compiler and run inside MindSpore graphs as Custom "aot" ops.
 
 The library is built once per (source, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
 `~/.cache/zoo/kernels`), written atomically; `$ZOO_KERNEL_MARCH` picks the target (default `native`). Without a
@@ -48,6 +48,9 @@ class NativeKernels:
     decode_layer: object
     layer_norm: object  # (x [..., E], weight, bias, meta [eps]) -> y, differentiable (native backward)
     gelu: object  # (x, meta [exact]) -> y, differentiable (native backward)
+    linear_backward: object  # (x [M,K], W [N,K], dy [M,N]) -> (dx = dy W, dW = dy^T x, db = sum of dy's rows)
+    # (logits [R,V], labels [R] int32, -100 ignored) -> (nll [R], log-sum-exp [R]); differentiable in nll
+    cross_entropy: object
     bias_add: object  # (y [R,N], b [N], optional residual [R,N]) -> y + b (+ residual)
     bias_gelu: object  # (y [R,N], b [N], meta [exact]) -> GELU(y + b)
     sum_squares: object  # (g, total [1]) -> total + sum(g^2) [1]
@@ -160,6 +163,11 @@ def _build_and_wrap() -> NativeKernels:
     def gelu_bprop(x: object, meta: object, out: object, dout: object) -> tuple:
         return gelu_backward(x, dout, meta), ops.zeros_like(meta)
 
+    cross_entropy_backward = custom("CrossEntropyBackward", lambda x, *_: list(x))
+
+    def cross_entropy_bprop(logits: object, labels: object, out: object, dout: object) -> tuple:
+        return cross_entropy_backward(logits, labels, out[1], dout[0]), ops.zeros_like(labels)
+
     def differentiable(entry: str, bprop: object) -> object:
         return ops.Custom(f"{library}:{entry}", out_shape=lambda x, *_: x, out_dtype=lambda x, *_: x,
                           func_type="aot", bprop=bprop)
@@ -168,6 +176,9 @@ def _build_and_wrap() -> NativeKernels:
                          custom("DecodeLayer", lambda hidden, *_: list(hidden)),
                          differentiable("LayerNormForward", layer_norm_bprop),
                          differentiable("GeluForward", gelu_bprop),
+                         custom("LinearBackward", lambda x, w, dy: [list(x), list(w), [w[0]]], outputs=3),
+                         ops.Custom(f"{library}:CrossEntropyForward", out_shape=lambda x, *_: [[x[0]], [x[0]]],
+                                    out_dtype=lambda x, *_: [x, x], func_type="aot", bprop=cross_entropy_bprop),
                          custom("BiasAdd", lambda y, *_: list(y)), custom("BiasGelu", lambda y, *_: list(y)),
                          custom("SumSquares", lambda *_: [1]), custom("AdamWStep", lambda *_: [1]),
                          custom("GreedyHead", lambda hidden, *_: [hidden[0]], dtype=ms.int64))

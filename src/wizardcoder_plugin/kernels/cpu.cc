@@ -1,7 +1,7 @@
 // Native fp32 CPU kernels: small-row linear layers y[M,N] = x[M,K] . W[N,K]^T (+ b[N]) with W in HF's [out, in]
 // layout, on them a GPTBigCode block's decode step (one call, caches written in place), the screened greedy LM
 // head (exact argmax from an int8 copy), the prefill's one-pass epilogues, and for training LayerNorm and GELU
-// forward and backward and the AdamW update.
+// forward and backward, linear layers' backward (a packed GEMM) and the AdamW update.
 //
 // Why it exists: MindSpore 2.9's CPU MatMul runs a one-row product on one core, so a decode step reads its weights
 // at one core's bandwidth. Here the output columns are split between the calling thread and a small pool of its
@@ -40,6 +40,10 @@ static inline V vload(const float *p) { return _mm512_loadu_ps(p); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V vzero() { return _mm512_setzero_ps(); }
 static inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+static inline V vset1(float x) { return _mm512_set1_ps(x); }
+static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+static inline void vstore(float *p, V v) { _mm512_storeu_ps(p, v); }
+constexpr int GM = 14, GV = 2;  // GEMM micro-tile: 14 rows x 2 vectors (28 accumulators of 32 registers)
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 V;
 constexpr int VW = 8, NR = 2, MR = 4;  // 16 ymm registers: 8 accumulators, 2 weights, 1 input
@@ -51,6 +55,10 @@ static inline float vsum(V v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+static inline V vset1(float x) { return _mm256_set1_ps(x); }
+static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+static inline void vstore(float *p, V v) { _mm256_storeu_ps(p, v); }
+constexpr int GM = 6, GV = 2;  // 12 accumulators of 16 registers
 #else
 typedef float V;
 constexpr int VW = 1, NR = 4, MR = 2;
@@ -58,6 +66,10 @@ static inline V vload(const float *p) { return *p; }
 static inline V vfma(V a, V b, V c) { return a * b + c; }
 static inline V vzero() { return 0.f; }
 static inline float vsum(V v) { return v; }
+static inline V vset1(float x) { return x; }
+static inline V vadd(V a, V b) { return a + b; }
+static inline void vstore(float *p, V v) { *p = v; }
+constexpr int GM = 4, GV = 4;
 #endif
 
 // The CPUs the process may use, read when the library loads (on the loading thread: MindSpore's runtime threads,
@@ -715,6 +727,155 @@ extern "C" int BiasGelu(int nparam, void **params, int *ndims, int64_t **shapes,
 }
 
 
+// ------------------------------------------------------------------------------------ linear backward (training)
+// MindSpore 2.9's CPU MatMul runs the backward products of a linear layer at 160-300 GFLOP/s on one Xeon where its
+// forward x W^T reaches ~340 (measured per shape: the qkv layer's dx and dW, [1024, 896] x [896, 768], at ~170;
+// the MLP's output layer so slowly that the trainer had split it in two). This is a packed GEMM in the usual
+// structure (Goto/BLIS): for each block of KC of the inner dimension, the right operand's block is packed into
+// panels of GN columns (kept in L2), and each GM-row panel of the left one (kept in L1) meets every column panel
+// in a GM x GN register tile. Packing reads any layout, so one routine serves dx = dy W and dW = dy^T x.
+
+constexpr int GN = GV * VW;
+constexpr int64_t GKC = 256, GNC = GN * 32;
+
+// C tile [rows, cols] (row stride ldc) = (or +=) Ap [kc, GM] . Bp [kc, GN], from zero-padded panels.
+static inline void gemm_tile(const float *__restrict Ap, const float *__restrict Bp, int64_t kc, float *C,
+                             int64_t ldc, int rows, int cols, bool add) {
+  V acc[GM][GV];
+#pragma GCC unroll 16
+  for (int i = 0; i < GM; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < GV; ++v) acc[i][v] = vzero();
+  for (int64_t k = 0; k < kc; ++k) {
+    V b[GV];
+#pragma GCC unroll 4
+    for (int v = 0; v < GV; ++v) b[v] = vload(Bp + k * GN + v * VW);
+    __builtin_prefetch(Bp + (k + 8) * GN);
+    __builtin_prefetch(Bp + (k + 8) * GN + GN / 2);
+#pragma GCC unroll 16
+    for (int i = 0; i < GM; ++i) {
+      const V a = vset1(Ap[k * GM + i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < GV; ++v) acc[i][v] = vfma(a, b[v], acc[i][v]);
+    }
+  }
+  if (rows == GM && cols == GN) {
+#pragma GCC unroll 16
+    for (int i = 0; i < GM; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < GV; ++v)
+        vstore(C + i * ldc + v * VW, add ? vadd(acc[i][v], vload(C + i * ldc + v * VW)) : acc[i][v]);
+    return;
+  }
+  float t[GM][GN];
+  for (int i = 0; i < GM; ++i)
+    for (int v = 0; v < GV; ++v) vstore(&t[i][v * VW], acc[i][v]);
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) C[i * ldc + j] = add ? C[i * ldc + j] + t[i][j] : t[i][j];
+}
+
+// A strided matrix: element (r, c) at p[r * rs + c * cs].
+struct Strided {
+  const float *p;
+  int64_t rs, cs;
+  float at(int64_t r, int64_t c) const { return p[r * rs + c * cs]; }
+};
+
+// B[k0 : k0+kc, j0 : j0+nc] into panels of GN columns (k-major inside a panel), zero past column N.
+static void pack_columns(Strided b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t N, float *out) {
+  for (int64_t jp = 0; jp < nc; jp += GN) {
+    float *dst = out + jp * kc;
+    const int64_t cols = std::min<int64_t>(GN, N - j0 - jp);
+    for (int64_t k = 0; k < kc; ++k) {
+      const float *src = b.p + (k0 + k) * b.rs + (j0 + jp) * b.cs;
+      int64_t j = 0;
+      if (b.cs == 1)
+        for (; j < cols; ++j) dst[k * GN + j] = src[j];
+      else
+        for (; j < cols; ++j) dst[k * GN + j] = src[j * b.cs];
+      for (; j < GN; ++j) dst[k * GN + j] = 0.f;
+    }
+  }
+}
+
+// A[i0 : i0+GM, k0 : k0+kc] as one panel (k-major), zero past row M.
+static void pack_rows(Strided a, int64_t i0, int64_t M, int64_t k0, int64_t kc, float *out) {
+  const int64_t rows = std::min<int64_t>(GM, M - i0);
+  if (a.rs == 1) {  // a column of the panel is contiguous
+    for (int64_t k = 0; k < kc; ++k) {
+      const float *src = a.p + (k0 + k) * a.cs + i0;
+      int64_t i = 0;
+      for (; i < rows; ++i) out[k * GM + i] = src[i];
+      for (; i < GM; ++i) out[k * GM + i] = 0.f;
+    }
+    return;
+  }
+  for (int64_t i = 0; i < GM; ++i)
+    for (int64_t k = 0; k < kc; ++k) out[k * GM + i] = i < rows ? a.at(i0 + i, k0 + k) : 0.f;
+}
+
+static thread_local std::vector<float> tl_pack_a, tl_pack_b;
+
+// C[m0:m1, n0:n1] = A[m0:m1, :] . B[:, n0:n1] on the calling thread; C is row-major [., N].
+static void gemm_block(Strided a, Strided b, float *c, int64_t M, int64_t N, int64_t K, int64_t m0, int64_t m1,
+                       int64_t n0, int64_t n1) {
+  float *ap = scratch(tl_pack_a, GM * GKC), *bp = scratch(tl_pack_b, GNC * GKC);
+  for (int64_t jc = n0; jc < n1; jc += GNC) {
+    const int64_t nc = std::min(GNC, n1 - jc);
+    for (int64_t pc = 0; pc < K; pc += GKC) {
+      const int64_t kc = std::min(GKC, K - pc);
+      pack_columns(b, pc, kc, jc, nc, std::min(N, n1), bp);
+      for (int64_t ir = m0; ir < m1; ir += GM) {
+        pack_rows(a, ir, m1, pc, kc, ap);
+        const int rows = static_cast<int>(std::min<int64_t>(GM, m1 - ir));
+        for (int64_t jr = 0; jr < nc; jr += GN)
+          gemm_tile(ap, bp + jr * kc, kc, c + ir * N + jc + jr, N, rows,
+                    static_cast<int>(std::min<int64_t>(GN, nc - jr)), pc > 0);
+      }
+    }
+  }
+}
+
+// C [M,N] = A [M,K] . B [K,N], split between the pool's threads along the longer output side (each thread packs
+// the operand it shares; that copy is the smaller one).
+static void gemm(Strided a, Strided b, float *c, int64_t M, int64_t N, int64_t K) {
+  const int64_t n_parts = parts(M * N * K);
+  if (N >= M) {
+    const int64_t panels = (N + GN - 1) / GN;
+    split(panels, std::min(n_parts, panels), [&](int, int64_t lo, int64_t hi) {
+      gemm_block(a, b, c, M, N, K, 0, M, lo * GN, std::min(N, hi * GN));
+    });
+  } else {
+    const int64_t tiles = (M + GM - 1) / GM;
+    split(tiles, std::min(n_parts, tiles), [&](int, int64_t lo, int64_t hi) {
+      gemm_block(a, b, c, M, N, K, lo * GM, std::min(M, hi * GM), 0, N);
+    });
+  }
+}
+
+// params: x [M,K], W [N,K], dy [M,N] -> dx [M,K] = dy W, dW [N,K] = dy^T x, db [N] = column sums of dy
+// (the backward of y = x W^T + b).
+extern "C" int LinearBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  if (nparam != 6 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  for (int i = 0; i < 3; ++i)
+    if (!fp32(dtypes[i])) return 1;
+  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][0];
+  if (shapes[1][1] != K || shapes[2][0] != M || shapes[2][1] != N) return 1;
+  const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]), *dw = static_cast<float *>(params[4]);
+  float *db = static_cast<float *>(params[5]);
+  gemm({dy, N, 1}, {w, K, 1}, dx, M, K, N);
+  gemm({dy, 1, N}, {x, K, 1}, dw, N, K, M);
+  split(N, parts(M * N), [&](int, int64_t lo, int64_t hi) {
+    std::fill(db + lo, db + hi, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = lo; j < hi; ++j) db[j] += dy[m * N + j];
+  });
+  return 0;
+}
+
 // -------------------------------------------------------------------------------- LayerNorm (training, prefill)
 // MindSpore 2.9's CPU LayerNormGrad takes ~14 ms on [1024, 768] (about 0.5 s of a tiny_starcoder training step);
 // these take well under 1 ms. The backward recomputes each row's mean and 1/std from x (cheaper than storing them).
@@ -838,6 +999,79 @@ extern "C" int SumSquares(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
+// ----------------------------------------------------------------------------------- cross-entropy (training)
+// MindSpore's LogSoftmax, GatherD and their gradients are ~100 ms of a tiny_starcoder step on [1024, 49153]
+// logits; these are two passes forward (max, then the sum of exponentials) and one backward (the forward's log-sum-
+// exp saved), each row on one thread.
+
+constexpr int kLanes = 16;  // independent partial results per row: the loops vectorize
+
+static float row_log_sum_exp(const float *x, int64_t V) {
+  float lane[kLanes];
+  for (int j = 0; j < kLanes; ++j) lane[j] = -INFINITY;
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] = x[i + j] > lane[j] ? x[i + j] : lane[j];
+  float top = -INFINITY;
+  for (; i < V; ++i) top = x[i] > top ? x[i] : top;
+  for (int j = 0; j < kLanes; ++j) top = lane[j] > top ? lane[j] : top;
+  if (!std::isfinite(top)) return top;  // inf or NaN logits: the loss says so
+  for (int j = 0; j < kLanes; ++j) lane[j] = 0.f;
+  for (i = 0; i + kLanes <= V; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += fast_exp(x[i + j] - top);
+  float sum = 0.f;
+  for (; i < V; ++i) sum += fast_exp(x[i] - top);
+  for (int j = 0; j < kLanes; ++j) sum += lane[j];
+  return top + std::log(sum);
+}
+
+// params: logits [R,V], labels [R] int32 (-100: ignored) -> nll [R] (0 where ignored), lse [R]
+extern "C" int CrossEntropyForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *, void *) {
+  if (nparam != 4 || ndims[0] != 2 || !fp32(dtypes[0]) || std::strcmp(dtypes[1], "int32") != 0
+      || product(shapes[1], ndims[1]) != shapes[0][0])
+    return 1;
+  const int64_t R = shapes[0][0], V = shapes[0][1];
+  const float *x = static_cast<const float *>(params[0]);
+  const int32_t *label = static_cast<const int32_t *>(params[1]);
+  float *nll = static_cast<float *>(params[2]), *lse = static_cast<float *>(params[3]);
+  for (int64_t r = 0; r < R; ++r)
+    if (label[r] != -100 && (label[r] < 0 || label[r] >= V)) return 1;  // an id past the vocabulary
+  split(R, parts(R * V * 4), [&](int, int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      lse[r] = row_log_sum_exp(x + r * V, V);
+      nll[r] = label[r] == -100 ? 0.f : lse[r] - x[r * V + label[r]];
+    }
+  });
+  return 0;
+}
+
+// params: logits [R,V], labels [R], lse [R], dnll [R] -> dlogits [R,V] = (softmax - onehot(label)) dnll
+extern "C" int CrossEntropyBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *, void *) {
+  if (nparam != 5 || ndims[0] != 2 || !fp32(dtypes[0]) || std::strcmp(dtypes[1], "int32") != 0
+      || !fp32(dtypes[2]) || !fp32(dtypes[3]))
+    return 1;
+  const int64_t R = shapes[0][0], V = shapes[0][1];
+  const float *x = static_cast<const float *>(params[0]), *lse = static_cast<const float *>(params[2]);
+  const int32_t *label = static_cast<const int32_t *>(params[1]);
+  const float *g = static_cast<const float *>(params[3]);
+  float *dx = static_cast<float *>(params[4]);
+  split(R, parts(R * V * 4), [&](int, int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const float *xr = x + r * V;
+      float *d = dx + r * V;
+      if (label[r] == -100) {
+        std::fill(d, d + V, 0.f);
+        continue;
+      }
+      const float top = lse[r], scale = g[r];
+      for (int64_t i = 0; i < V; ++i) d[i] = fast_exp(xr[i] - top) * scale;
+      d[label[r]] -= scale;
+    }
+  });
+  return 0;
+}
 // ----------------------------------------------------------------------------------------------- GELU (training)
 // MindSpore runs the composed GELU as ~5 elementwise kernels forward and ~10 backward over [rows, 4*hidden]
 // (each a full pass over memory); these are one pass each (the forms of gelu() above).
