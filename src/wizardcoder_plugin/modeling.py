@@ -190,6 +190,28 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_que
     return out.reshape(b, s, hd)
 
 
+class SplitLast(nn.Cell):
+    """x [..., a+b+c] -> its three consecutive pieces along the last axis (the CPU Slice kernel, <1 us, where
+    `split`'s StridedSlice takes up to ~45 us per piece). Its backward is one concat of the three
+    gradients: autodiff's is a zero-filled SliceGrad per piece and an AddN of the three (≈1.7 ms per layer of a
+    tiny_starcoder training step)."""
+
+    def __init__(self, a: int, b: int, c: int) -> None:
+        super().__init__()
+        self.sizes = (a, b, c)
+
+    def construct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a, b, c = self.sizes
+        zeros, lead = (0,) * (x.ndim - 1), x.shape[:-1]
+        # ops.slice, not ops.narrow: narrow's input check inside a cell with a bprop broke the compile of another
+        # bprop cell using narrow (ChunkedBackwardDense) in the same graph
+        return (ops.slice(x, zeros + (0,), lead + (a,)), ops.slice(x, zeros + (a,), lead + (b,)),
+                ops.slice(x, zeros + (a + b,), lead + (c,)))
+
+    def bprop(self, x: Tensor, out: tuple, dout: tuple) -> tuple[Tensor]:
+        return (ops.concat((dout[0], dout[1], dout[2]), axis=-1),)
+
+
 class GPTBigCodeAttention(nn.Cell):
     def __init__(self, config: GPTBigCodeConfig, dtype: ms.Type) -> None:
         super().__init__()
@@ -202,6 +224,8 @@ class GPTBigCodeAttention(nn.Cell):
         self.c_proj = Linear(config.n_embd, config.n_embd, config.initializer_range, dtype)
         self.attn_dropout = Dropout(config.attn_pdrop)
         self.resid_dropout = Dropout(config.resid_pdrop)
+        d = config.head_dim
+        self.split = SplitLast(self.embed_dim, self.kv_dim, self.kv_dim) if self.multi_query else SplitLast(d, d, d)
 
     def split_qkv(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(scaled query [B,S,H*d], key [B,S,kv*d], value [B,S,kv*d]) of `c_attn(hidden)`."""
@@ -209,17 +233,14 @@ class GPTBigCodeAttention(nn.Cell):
 
     def split_fused(self, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`c_attn`'s output [B,S,E+2kv*d] -> (scaled q, k, v). HF's fused rows differ by variant: multi-query
-        [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d). `narrow` (the CPU Slice kernel,
-        <1 us) rather than `split` (StridedSlice, up to ~45 us per piece on CPU)."""
+        [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d)."""
         if self.multi_query:
-            q = ops.narrow(fused, -1, 0, self.embed_dim)
-            k = ops.narrow(fused, -1, self.embed_dim, self.kv_dim)
-            v = ops.narrow(fused, -1, self.embed_dim + self.kv_dim, self.kv_dim)
+            q, k, v = self.split(fused)
             return q * self.scale, k, v
         b, s, _ = fused.shape
-        heads, d = fused.reshape(b, s, self.n_head, -1), self.embed_dim // self.n_head
-        q, k, v = (ops.narrow(heads, -1, i * d, d).reshape(b, s, self.embed_dim) for i in range(3))
-        return q * self.scale, k, v
+        q, k, v = self.split(fused.reshape(b, s, self.n_head, -1))
+        return q.reshape(b, s, self.embed_dim) * self.scale, k.reshape(b, s, self.embed_dim), v.reshape(
+            b, s, self.embed_dim)
 
     def construct(self, hidden: Tensor, mask: Tensor) -> Tensor:
         q, k, v = self.split_qkv(hidden)

@@ -53,13 +53,16 @@ class CausalLMLoss(nn.Cell):
 
 
 class AccumulateGrads(nn.Cell):
-    """Forward + backward of one micro-batch; gradients of (loss * scale) are added to the accumulators."""
+    """Forward + backward of one micro-batch; gradients of (loss * scale) are added to the accumulators, or, with
+    `overwrite` (one micro-batch per step), written over them (a copy instead of a read-add-write pass)."""
 
-    def __init__(self, loss_net: CausalLMLoss, params: ParameterTuple, accum: ParameterTuple) -> None:
+    def __init__(self, loss_net: CausalLMLoss, params: ParameterTuple, accum: ParameterTuple,
+                 overwrite: bool = False) -> None:
         super().__init__(auto_prefix=False)
         self.loss_net = loss_net
         self.params = params
         self.accum = accum
+        self.overwrite = overwrite
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
 
     def construct(self, input_ids: Tensor, labels: Tensor, scale: Tensor) -> Tensor:
@@ -67,7 +70,10 @@ class AccumulateGrads(nn.Cell):
         grads = self.grad(self.loss_net, self.params)(input_ids, labels, scale)
         out = loss
         for i in range(len(grads)):  # index loops: graph mode does not take zip(strict=...)
-            out = ops.depend(out, ops.assign_add(self.accum[i], grads[i].astype(ms.float32)))
+            if self.overwrite:
+                out = ops.depend(out, ops.assign(self.accum[i], grads[i].astype(ms.float32)))
+            else:
+                out = ops.depend(out, ops.assign_add(self.accum[i], grads[i].astype(ms.float32)))
         return out
 
 

@@ -213,7 +213,8 @@ class Trainer:
         self.params = ParameterTuple(self.model.trainable_params())
         self.accum = fp32_zeros(self.params, "accum")
         reducer = nn.DistributedGradReducer(self.accum, mean=True, degree=self.world) if self.world > 1 else None
-        self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id, native), self.params, self.accum)
+        self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id, native), self.params, self.accum,
+                                          overwrite=settings.grad_accum == 1)
         self.stats = GradStats(self.accum, reducer, native)
         self.clear = ClearGrads(self.accum)
         self.adamw = AdamW(self.params, self.accum, settings.beta1, settings.beta2, settings.eps,
