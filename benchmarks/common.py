@@ -40,7 +40,8 @@ def speedups(rows: list[dict]) -> str:
                          f"{x['decode_speedup_vs_hf']}x HF, prefill {x['prefill_speedup_vs_hf']}x HF, tokens equal "
                          f"to HF: {x['tokens_equal_hf']}{ran_on}")
         elif "step_speedup_vs_hf" in x:
-            lines.append(f"- {r['backend']}: training {x['step_speedup_vs_hf']}x HF + torch AdamW")
+            paired = f" (step by step: {x['paired_speedup_vs_hf']}x)" if "paired_speedup_vs_hf" in x else ""
+            lines.append(f"- {r['backend']}: training {x['step_speedup_vs_hf']}x HF + torch AdamW{paired}")
     return "\n".join(lines)
 
 
