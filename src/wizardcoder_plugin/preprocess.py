@@ -232,12 +232,10 @@ def read_mindrecord(path: Path) -> tuple[int, int]:
                          "create it with `zoo preprocess MODEL --input FILE --output OUT.mindrecord`")
     try:
         reader = FileReader(str(path), num_consumer=1, columns=list(COLUMNS))
+        n = reader.len()
         first = next(reader.get_next())
         reader.close()
     except Exception as exc:  # noqa: BLE001 - MindRecord's own message says what is wrong
         raise InputError(f"cannot read {path} as a MindRecord with columns {COLUMNS}: {exc}",
                          "create it with `zoo preprocess`") from None
-    import mindspore.dataset as ds
-
-    n = ds.MindDataset(str(path), columns_list=list(COLUMNS), shuffle=False).get_dataset_size()
     return n, len(first["input_ids"])
