@@ -86,7 +86,7 @@ class NativeBackwardDense(Dense):
         self.backward = backward
 
     def bprop(self, x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dx, dw, db = self.backward(x, w, dout)
+        dx, dw, db = self.backward(x, w, dout)  # a Custom op's outputs are a list; a bprop must return a tuple
         return dx, dw, db
 
 
@@ -190,23 +190,27 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_que
     return out.reshape(b, s, hd)
 
 
-class SplitLast(nn.Cell):
+def split_last(x: Tensor, sizes: tuple[int, int, int]) -> tuple[Tensor, Tensor, Tensor]:
     """x [..., a+b+c] -> its three consecutive pieces along the last axis (the CPU Slice kernel, <1 us, where
-    `split`'s StridedSlice takes up to ~45 us per piece). Its backward is one concat of the three
-    gradients: autodiff's is a zero-filled SliceGrad per piece and an AddN of the three (≈1.7 ms per layer of a
-    tiny_starcoder training step)."""
+    `split`'s StridedSlice takes up to ~45 us per piece). ops.slice, not ops.narrow: narrow's input check inside a
+    cell with a bprop (SplitLast) broke the compile of another bprop cell using narrow (ChunkedBackwardDense) in
+    the same graph."""
+    a, b, c = sizes
+    zeros, lead = (0,) * (x.ndim - 1), x.shape[:-1]
+    return (ops.slice(x, zeros + (0,), lead + (a,)), ops.slice(x, zeros + (a,), lead + (b,)),
+            ops.slice(x, zeros + (a + b,), lead + (c,)))
+
+
+class SplitLast(nn.Cell):
+    """`split_last` whose backward is one concat of the three gradients: autodiff's is a zero-filled SliceGrad per
+    piece and an AddN of the three (≈1.7 ms per layer of a tiny_starcoder training step)."""
 
     def __init__(self, a: int, b: int, c: int) -> None:
         super().__init__()
         self.sizes = (a, b, c)
 
     def construct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        a, b, c = self.sizes
-        zeros, lead = (0,) * (x.ndim - 1), x.shape[:-1]
-        # ops.slice, not ops.narrow: narrow's input check inside a cell with a bprop broke the compile of another
-        # bprop cell using narrow (ChunkedBackwardDense) in the same graph
-        return (ops.slice(x, zeros + (0,), lead + (a,)), ops.slice(x, zeros + (a,), lead + (b,)),
-                ops.slice(x, zeros + (a + b,), lead + (c,)))
+        return split_last(x, self.sizes)
 
     def bprop(self, x: Tensor, out: tuple, dout: tuple) -> tuple[Tensor]:
         return (ops.concat((dout[0], dout[1], dout[2]), axis=-1),)
@@ -233,25 +237,14 @@ class GPTBigCodeAttention(nn.Cell):
 
     def split_fused(self, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`c_attn`'s output [B,S,E+2kv*d] -> (scaled q, k, v). HF's fused rows differ by variant: multi-query
-        [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d). Training splits through
-        `SplitLast` (its backward); inference with `narrow` inline (the SplitLast cell made a tiny prefill 3x
-        slower: 7 -> 20 ms)."""
-        if self.multi_query:
-            if self.training:
-                q, k, v = self.split(fused)
-            else:
-                q = ops.narrow(fused, -1, 0, self.embed_dim)
-                k = ops.narrow(fused, -1, self.embed_dim, self.kv_dim)
-                v = ops.narrow(fused, -1, self.embed_dim + self.kv_dim, self.kv_dim)
-            return q * self.scale, k, v
+        [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d). Training splits through the
+        `SplitLast` cell (its backward), inference inline (the cell made a tiny prefill 3x slower: 7 -> 20 ms)."""
         b, s, _ = fused.shape
-        heads, d = fused.reshape(b, s, self.n_head, -1), self.embed_dim // self.n_head
-        if self.training:
-            q, k, v = self.split(heads)
-        else:
-            q, k, v = (ops.narrow(heads, -1, i * d, d) for i in range(3))
-        return q.reshape(b, s, self.embed_dim) * self.scale, k.reshape(b, s, self.embed_dim), v.reshape(
-            b, s, self.embed_dim)
+        pieces = fused if self.multi_query else fused.reshape(b, s, self.n_head, -1)
+        q, k, v = self.split(pieces) if self.training else split_last(pieces, self.split.sizes)
+        if not self.multi_query:
+            q, k, v = q.reshape(b, s, self.embed_dim), k.reshape(b, s, self.embed_dim), v.reshape(b, s, self.embed_dim)
+        return q * self.scale, k, v
 
     def construct(self, hidden: Tensor, mask: Tensor) -> Tensor:
         q, k, v = self.split_qkv(hidden)

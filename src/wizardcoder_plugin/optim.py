@@ -22,17 +22,16 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, native: object | None = None)
     """Mean next-token cross-entropy over labels != -100 (logits [B,S,V] predict labels [B,S], already shifted).
     Equal to HF's loss; 0 (not NaN) when a batch has no labelled token. `native` (kernels.NativeKernels, fp32
     logits): the per-token losses and their gradient from the native kernels instead of LogSoftmax + GatherD."""
-    v = logits.shape[-1]
+    flat_logits = logits.reshape(-1, logits.shape[-1]).astype(ms.float32)
     flat = labels.reshape(-1, 1)
     keep = flat != IGNORE_INDEX
     keep_f = keep.astype(ms.float32)
-    if native is not None:
-        nll, _ = native.cross_entropy(logits.reshape(-1, v).astype(ms.float32),  # type: ignore[attr-defined]
-                                      labels.reshape(-1).astype(ms.int32))
-        return nll.sum() / ops.maximum(keep_f.sum(), 1.0)
-    logp = ops.log_softmax(logits.reshape(-1, v).astype(ms.float32), axis=-1)
-    nll = -ops.gather_elements(logp, 1, ops.select(keep, flat, ops.zeros_like(flat)))
-    return (nll * keep_f).sum() / ops.maximum(keep_f.sum(), 1.0)
+    if native is not None:  # 0 at ignored labels
+        nll, _ = native.cross_entropy(flat_logits, labels.reshape(-1).astype(ms.int32))  # type: ignore[attr-defined]
+    else:
+        logp = ops.log_softmax(flat_logits, axis=-1)
+        nll = -ops.gather_elements(logp, 1, ops.select(keep, flat, ops.zeros_like(flat))) * keep_f
+    return nll.sum() / ops.maximum(keep_f.sum(), 1.0)
 
 
 class CausalLMLoss(nn.Cell):
@@ -62,7 +61,7 @@ class AccumulateGrads(nn.Cell):
         self.loss_net = loss_net
         self.params = params
         self.accum = accum
-        self.overwrite = overwrite
+        self.update = ops.Assign() if overwrite else ops.AssignAdd()
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
 
     def construct(self, input_ids: Tensor, labels: Tensor, scale: Tensor) -> Tensor:
@@ -70,10 +69,7 @@ class AccumulateGrads(nn.Cell):
         grads = self.grad(self.loss_net, self.params)(input_ids, labels, scale)
         out = loss
         for i in range(len(grads)):  # index loops: graph mode does not take zip(strict=...)
-            if self.overwrite:
-                out = ops.depend(out, ops.assign(self.accum[i], grads[i].astype(ms.float32)))
-            else:
-                out = ops.depend(out, ops.assign_add(self.accum[i], grads[i].astype(ms.float32)))
+            out = ops.depend(out, self.update(self.accum[i], grads[i].astype(ms.float32)))
         return out
 
 

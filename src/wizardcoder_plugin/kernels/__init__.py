@@ -146,11 +146,12 @@ def _build_and_wrap() -> NativeKernels:
     import mindspore as ms
     from mindspore import ops
 
-    def custom(entry: str, out_shape: object, outputs: int = 1, dtype: object = None) -> object:
-        """An entry point as a Custom op; its outputs take the first input's dtype unless `dtype` is given."""
+    def custom(entry: str, out_shape: object, outputs: int = 1, dtype: object = None, bprop: object = None) -> object:
+        """An entry point as a Custom op (differentiable through `bprop`); its outputs take the first input's
+        dtype unless `dtype` is given."""
         if dtype is None:
             dtype = (lambda x, *_: x) if outputs == 1 else (lambda x, *_: [x] * outputs)
-        return ops.Custom(f"{library}:{entry}", out_shape=out_shape, out_dtype=dtype, func_type="aot")
+        return ops.Custom(f"{library}:{entry}", out_shape=out_shape, out_dtype=dtype, func_type="aot", bprop=bprop)
 
     layer_norm_backward = custom("LayerNormBackward", lambda x, g, *_: [list(x), list(g), list(g)], outputs=3)
 
@@ -168,17 +169,13 @@ def _build_and_wrap() -> NativeKernels:
     def cross_entropy_bprop(logits: object, labels: object, out: object, dout: object) -> tuple:
         return cross_entropy_backward(logits, labels, out[1], dout[0]), ops.zeros_like(labels)
 
-    def differentiable(entry: str, bprop: object) -> object:
-        return ops.Custom(f"{library}:{entry}", out_shape=lambda x, *_: x, out_dtype=lambda x, *_: x,
-                          func_type="aot", bprop=bprop)
-
     return NativeKernels(library, lib.KernelThreads(), custom("Linear", lambda x, w: [x[0], w[0]]),
                          custom("DecodeLayer", lambda hidden, *_: list(hidden)),
-                         differentiable("LayerNormForward", layer_norm_bprop),
-                         differentiable("GeluForward", gelu_bprop),
+                         custom("LayerNormForward", lambda x, *_: x, bprop=layer_norm_bprop),
+                         custom("GeluForward", lambda x, *_: x, bprop=gelu_bprop),
                          custom("LinearBackward", lambda x, w, dy: [list(x), list(w), [w[0]]], outputs=3),
-                         ops.Custom(f"{library}:CrossEntropyForward", out_shape=lambda x, *_: [[x[0]], [x[0]]],
-                                    out_dtype=lambda x, *_: [x, x], func_type="aot", bprop=cross_entropy_bprop),
+                         custom("CrossEntropyForward", lambda x, *_: [[x[0]], [x[0]]], outputs=2,
+                                bprop=cross_entropy_bprop),
                          custom("BiasAdd", lambda y, *_: list(y)), custom("BiasGelu", lambda y, *_: list(y)),
                          custom("SumSquares", lambda *_: [1]), custom("AdamWStep", lambda *_: [1]),
                          custom("GreedyHead", lambda hidden, *_: [hidden[0]], dtype=ms.int64))

@@ -781,7 +781,7 @@ struct Strided {
   float at(int64_t r, int64_t c) const { return p[r * rs + c * cs]; }
 };
 
-// B[k0 : k0+kc, j0 : j0+nc] into panels of GN columns (k-major inside a panel), zero past column N.
+// B[k0 : k0+kc, j0 : j0+nc] into panels of GN columns (k-major inside a panel), zero from column N on.
 static void pack_columns(Strided b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t N, float *out) {
   for (int64_t jp = 0; jp < nc; jp += GN) {
     float *dst = out + jp * kc;
@@ -817,14 +817,14 @@ static void pack_rows(Strided a, int64_t i0, int64_t M, int64_t k0, int64_t kc, 
 static thread_local std::vector<float> tl_pack_a, tl_pack_b;
 
 // C[m0:m1, n0:n1] = A[m0:m1, :] . B[:, n0:n1] on the calling thread; C is row-major [., N].
-static void gemm_block(Strided a, Strided b, float *c, int64_t M, int64_t N, int64_t K, int64_t m0, int64_t m1,
-                       int64_t n0, int64_t n1) {
+static void gemm_block(Strided a, Strided b, float *c, int64_t N, int64_t K, int64_t m0, int64_t m1, int64_t n0,
+                       int64_t n1) {
   float *ap = scratch(tl_pack_a, GM * GKC), *bp = scratch(tl_pack_b, GNC * GKC);
   for (int64_t jc = n0; jc < n1; jc += GNC) {
     const int64_t nc = std::min(GNC, n1 - jc);
     for (int64_t pc = 0; pc < K; pc += GKC) {
       const int64_t kc = std::min(GKC, K - pc);
-      pack_columns(b, pc, kc, jc, nc, std::min(N, n1), bp);
+      pack_columns(b, pc, kc, jc, nc, n1, bp);
       for (int64_t ir = m0; ir < m1; ir += GM) {
         pack_rows(a, ir, m1, pc, kc, ap);
         const int rows = static_cast<int>(std::min<int64_t>(GM, m1 - ir));
@@ -843,12 +843,12 @@ static void gemm(Strided a, Strided b, float *c, int64_t M, int64_t N, int64_t K
   if (N >= M) {
     const int64_t panels = (N + GN - 1) / GN;
     split(panels, std::min(n_parts, panels), [&](int, int64_t lo, int64_t hi) {
-      gemm_block(a, b, c, M, N, K, 0, M, lo * GN, std::min(N, hi * GN));
+      gemm_block(a, b, c, N, K, 0, M, lo * GN, std::min(N, hi * GN));
     });
   } else {
     const int64_t tiles = (M + GM - 1) / GM;
     split(tiles, std::min(n_parts, tiles), [&](int, int64_t lo, int64_t hi) {
-      gemm_block(a, b, c, M, N, K, lo * GM, std::min(M, hi * GM), 0, N);
+      gemm_block(a, b, c, N, K, lo * GM, std::min(M, hi * GM), 0, N);
     });
   }
 }
