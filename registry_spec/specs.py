@@ -207,6 +207,8 @@ class EvalSpec(_ModelSpec):
     output_dir: Path | None = None
     workers: PositiveInt = 2
     timeout: float = Field(3.0, gt=0)
+    sandbox: Literal["auto", "bwrap", "unshare", "process"] = Field(
+        "auto", description="where generated programs run; auto = the strongest mode available")
     shard: str | None = Field(None, pattern=r"^\d+/\d+$", description="I/N: every N-th problem from I")
     load_generations: Path | None = None
     merge: list[Path] = Field(default_factory=list)

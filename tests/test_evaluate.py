@@ -63,15 +63,10 @@ def test_pass_at_k_is_the_unbiased_estimator():
         assert abs(pass_at_k(n, c, k) - exact) < 1e-12
 
 
-def test_sandbox_contains_accidents(tmp_path):
-    victim = tmp_path / "keep.txt"
-    victim.write_text("x")
+def test_sandbox_basics():
+    """The default sandbox (hostile programs: test_sandbox.py)."""
     assert run_program("assert 1 + 1 == 2").passed
     assert run_program("while True: pass", timeout=1).status == "timeout"
-    out = run_program(f"import os\nos.remove({str(victim)!r})")
-    assert not out.passed and victim.exists()
-    out = run_program("import shutil\nshutil.rmtree('/tmp')")
-    assert not out.passed and "NoneType" in out.detail
     assert not run_program("x = bytearray(8 << 30)").passed  # memory limit, not the machine's
     assert run_program("assert 1 == 2").detail.startswith("AssertionError")
 
@@ -89,12 +84,13 @@ def test_canonical_solutions_pass_in_both_generation_formats(tmp_path):
     assert (summary["task"], summary["n_problems"], summary["passed"], summary["pass@1"]) == ("humaneval", 164,
                                                                                               164, 1.0)
     assert json.loads((tmp_path / "he" / "summary.json").read_text())["pass@1"] == 1.0
-    # MBPP, bigcode harness format (positional over the test split), subset with --limit
+    # MBPP, bigcode harness format (positional over the test split): all 500 in the strongest sandbox (Mbpp/123
+    # takes 4-7 s of CPU on a 2-core VM, past the reference's 3 s: the timeout is raised for this check only)
     mbpp = rows("mbpp.test.jsonl.gz")
     big = tmp_path / "mbpp.json"
-    big.write_text(json.dumps([[r["code"]] for r in mbpp[:60]]))
-    res = run_eval(EvalSpec(model="m", task="mbpp", load_generations=big), lambda: None, progress=False)
-    assert (res.n_problems, res.passed) == (60, 60)  # Mbpp/367 needs its setup code after the solution
+    big.write_text(json.dumps([[r["code"]] for r in mbpp]))
+    res = run_eval(EvalSpec(model="m", task="mbpp", load_generations=big, timeout=20), lambda: None, progress=False)
+    assert (res.n_problems, res.passed) == (500, 500)  # Mbpp/367 needs its setup code after the solution
 
 
 def test_evalplus_ids_resolve_against_all_974_mbpp_problems(tmp_path):

@@ -1,14 +1,18 @@
 """`zoo eval`: MBPP and HumanEval with the reference's prompts and post-processing, sandboxed execution, pass@k.
 
 One output folder per run (or shard): `generations.jsonl` (appended problem by problem, so a rerun resumes after
-the last complete line), `results.jsonl` (per problem: samples, passes, failure details) and `summary.json`.
+the last complete line), `executions.jsonl` (one line per executed program as it finishes, so a rerun resumes
+scoring too), `results.jsonl` (per problem: samples, passes, failure details) and `summary.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import json
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ from registry_spec.errors import InputError
 from registry_spec.specs import EvalResult, EvalSpec
 
 from .atomic import write_json, write_jsonl
+from .execution import Outcome, Sandbox, resolve, run_programs
 from .templates import INSTRUCTION
 
 DATA = Path(__file__).parent / "data" / "eval"
@@ -126,7 +131,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 # ------------------------------------------------------------------------------------------------------- outputs
 def read_generations(path: Path) -> list[dict]:
-    """The complete rows of our generations.jsonl; a torn last line (killed run) is dropped."""
+    """The complete rows of one of our JSONL outputs; a torn last line (killed run) is dropped."""
     rows = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -175,17 +180,35 @@ def load_external_generations(task: str, path: Path, split: list[Problem]) -> di
 
 # -------------------------------------------------------------------------------------------------------- scoring
 def score(task: str, problems: dict[str, Problem], completions: dict[str, list[str]], timeout: float,
-          workers: int, progress: bool = True) -> list[dict]:
-    from .execution import run_programs
-
+          workers: int, progress: bool = True, sandbox: Sandbox | None = None, log: Path | None = None) -> list[dict]:
+    """Run every (problem, completion) program. With `log`, each outcome is appended to it as it comes, and a
+    rerun takes the outcomes already there for the same program, timeout and sandbox mode."""
+    box = sandbox or resolve()
     jobs = [(tid, i, problems[tid].program(task, code)) for tid, codes in completions.items()
             for i, code in enumerate(codes)]
-    outcomes = run_programs([j[2] for j in jobs], timeout, workers, progress)
+    keys = [f"{tid}#{i}#{hashlib.sha256(prog.encode()).hexdigest()[:16]}#{timeout:g}#{box.mode}"
+            for tid, i, prog in jobs]
+    known = {row["key"]: row for row in read_generations(log)} if log is not None else {}
+    outcomes = {k: {"status": known[k]["status"], "detail": known[k]["detail"]} for k in keys if k in known}
+    todo = [j for j, k in enumerate(keys) if k not in outcomes]
+    if todo:
+        with contextlib.ExitStack() as stack:
+            if log is not None:
+                write_jsonl(log, known.values())  # drop a torn last line before appending
+                f = stack.enter_context(log.open("a", encoding="utf-8"))
+
+            def record(n: int, out: Outcome) -> None:
+                outcomes[keys[todo[n]]] = row = {"status": out.status, "detail": out.detail}
+                if log is not None:
+                    f.write(json.dumps({"key": keys[todo[n]]} | row) + "\n")
+                    f.flush()
+
+            run_programs([jobs[j][2] for j in todo], timeout, workers, box, progress, record)
     by_task: dict[str, list] = {tid: [] for tid in completions}
-    for (tid, _, _), out in zip(jobs, outcomes, strict=True):
-        by_task[tid].append(out)
-    return [{"task_id": tid, "n": len(outs), "passed": sum(o.passed for o in outs),
-             "results": [{"status": o.status, "detail": o.detail} for o in outs]} for tid, outs in by_task.items()]
+    for (tid, _, _), key in zip(jobs, keys, strict=True):
+        by_task[tid].append(outcomes[key])
+    return [{"task_id": tid, "n": len(outs), "passed": sum(o["status"] == "passed" for o in outs),
+             "results": outs} for tid, outs in by_task.items()]
 
 
 def summarize(task: str, results: list[dict], output_dir: Path | None) -> EvalResult:
@@ -288,6 +311,7 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
             result = result.model_copy(update={"output_dir": spec.output_dir})
         return result
     split = load_problems(spec.task, spec.data)
+    box = sandbox_for(spec)
     if spec.load_generations:
         lookup = mbpp_lookup(spec.task, split)
         completions = load_external_generations(spec.task, spec.load_generations, split)
@@ -296,8 +320,10 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
             raise InputError(f"{spec.load_generations}: unknown {spec.task} task ids {', '.join(unknown[:5])}",
                              "use the task ids of the dataset (MBPP 1-974, HumanEval/0-163)")
         ids = list(completions)[: spec.limit] if spec.limit else list(completions)
-        results = score(spec.task, lookup, {t: completions[t] for t in ids}, spec.timeout, spec.workers, progress)
-        return finish(spec.task, results, spec.output_dir, {"source": str(spec.load_generations)})
+        log = spec.output_dir / "executions.jsonl" if spec.output_dir is not None else None
+        results = score(spec.task, lookup, {t: completions[t] for t in ids}, spec.timeout, spec.workers, progress,
+                        box, log)
+        return finish(spec.task, results, spec.output_dir, {"source": str(spec.load_generations), "sandbox": box.mode})
 
     problems = shard(split, spec.shard)[: spec.limit] if spec.limit else shard(split, spec.shard)
     out = spec.output_dir or default_output_dir(spec)
@@ -339,6 +365,15 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
                 bar.update(1)
         bar.close()
     completions = {p.task_id: done[p.task_id] for p in problems}
-    results = score(spec.task, {p.task_id: p for p in problems}, completions, spec.timeout, spec.workers, progress)
-    return finish(spec.task, results, out, {"model": spec.model, "shard": spec.shard})
+    results = score(spec.task, {p.task_id: p for p in problems}, completions, spec.timeout, spec.workers, progress,
+                    box, out / "executions.jsonl")
+    return finish(spec.task, results, out, {"model": spec.model, "shard": spec.shard, "sandbox": box.mode})
+
+
+def sandbox_for(spec: EvalSpec) -> Sandbox:
+    """The sandbox `--sandbox` names (`auto`: the strongest that works here), said on stderr."""
+    box = resolve(spec.sandbox)
+    warning = "warning: " if box.mode == "process" else ""
+    print(f"{warning}zoo eval: generated programs run in sandbox mode {box.describe()}", file=sys.stderr)
+    return box
 
