@@ -145,45 +145,28 @@ def _native_training_kernels(model: object) -> object | None:
     return native
 
 
-def _choose_backwards(model: object, rows: int, native: object | None, min_features: int = 2048
-                      ) -> dict[tuple[int, int], str]:
-    """On CPU, for each linear shape, time one forward+backward on `rows` random rows with MindSpore's backward,
-    with `ChunkedBackwardDense(2)` (shapes of at least `min_features` inputs) and with `NativeBackwardDense`
-    (`native` kernels, fp32 weights) and give the layers of that shape the fastest where it wins by >= 10%;
-    {(out, in): "chunked" | "native"} for the shapes that changed. Same math either way (chunked: identical
-    results; native: fp32 with another summation order)."""
-    import mindspore as ms
+def _recorded_numerics(output_dir: Path) -> dict:
+    """The numerics record of the newest checkpoint in `output_dir` ({} if none): what a resume reuses."""
+    found = checkpoints(output_dir) if output_dir.is_dir() else []
+    return json.loads((found[-1] / "state.json").read_text()).get("numerics", {}) if found else {}
 
-    from .modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
-    from .runtime import fastest_call
 
-    if ms.get_context("device_target") != "CPU":
-        return {}
-    layers: dict[tuple[int, int], list] = {}
-    for _, cell in model.cells_and_names():  # type: ignore[attr-defined]
-        if isinstance(cell, Linear):
-            layers.setdefault(tuple(cell.weight.shape), []).append(cell)
-    chosen = {}
-    rng = np.random.default_rng(0)
-    for (n, k), cells in layers.items():
-        dtype = cells[0].weight.dtype
-        options: dict[str, Callable[[], object]] = {}
-        if k >= min_features:
-            options["chunked"] = lambda: ChunkedBackwardDense(2)
-        if native is not None and dtype == ms.float32:
-            options["native"] = lambda: NativeBackwardDense(native.linear_backward)  # type: ignore[attr-defined]
-        if not options:
-            continue
-        args = tuple(ms.Tensor(rng.standard_normal(shape, dtype=np.float32), dtype=dtype)
-                     for shape in ((rows, k), (n, k), (n,), (rows, n)))
-        cells_to_time = {"mindspore": DenseGrad(Dense())} | {name: DenseGrad(make()) for name, make in options.items()}
-        best = fastest_call(cells_to_time, args, rounds=2, calls=2)
-        winner = min(options, key=lambda name: best[name])
-        if best[winner] < 0.9 * best["mindspore"]:
-            chosen[(n, k)] = winner
-            for cell in cells:
-                cell.dense = options[winner]()
-    return chosen
+def _numerics_changes(recorded: dict, now: dict) -> list[str]:
+    """What a resumed run could not take over from the run it continues."""
+    changes = []
+    if recorded.get("native_kernels") and not now["native_kernels"]:
+        changes.append("the native CPU kernels the run used are unavailable now")
+    elif recorded.get("kernel_library") not in (None, now["kernel_library"]):
+        changes.append(f"the native kernels were built as {recorded['kernel_library']}, now as "
+                       f"{now['kernel_library']} (another CPU, compiler or source)")
+    if recorded.get("kernel_threads") not in (None, now["kernel_threads"]) and now["native_kernels"]:
+        changes.append(f"the native kernels ran on {recorded['kernel_threads']} threads, now on "
+                       f"{now['kernel_threads']} (ZOO_KERNEL_THREADS)")
+    for shape, choice in (recorded.get("linear_backward") or {}).items():
+        if now["linear_backward"].get(shape, "mindspore") != choice:
+            changes.append(f"the {shape} layers' backward was {choice}, now "
+                           f"{now['linear_backward'].get(shape, 'mindspore')}")
+    return changes
 
 
 class Trainer:
@@ -205,8 +188,24 @@ class Trainer:
         self.model = build_model(model_name, config, settings.weights, settings.precision, seed=settings.seed,
                                  allow_random=settings.mode == "pretrain")
         self.model.set_train(True)
+        recorded = _recorded_numerics(settings.output_dir) if settings.resume else {}
+        if recorded.get("kernel_threads") and "ZOO_KERNEL_THREADS" not in os.environ:
+            os.environ["ZOO_KERNEL_THREADS"] = str(recorded["kernel_threads"])  # read when the kernels load
         native = _native_training_kernels(self.model)
-        self.backwards = _choose_backwards(self.model, settings.batch_size * seq, native)
+        from .kernels.choices import choose_backwards, rank0_choices
+
+        agree = (lambda chosen: rank0_choices(chosen, self.rank)) if self.world > 1 else None
+        backwards = choose_backwards(self.model, settings.batch_size * seq, native,
+                                      recorded.get("linear_backward"), agree=agree)
+        # everything that can change this run's numbers besides its settings: saved with every checkpoint
+        self.numerics = {"native_kernels": native is not None,
+                         "kernel_library": native.library.name if native is not None else None,  # type: ignore[attr-defined]
+                         "kernel_threads": native.threads if native is not None else None,  # type: ignore[attr-defined]
+                         "linear_backward": backwards}
+        if self.rank == 0:
+            for change in _numerics_changes(recorded, self.numerics):
+                print(f"note: resuming in {settings.output_dir}: {change}; the run goes on, but no longer "
+                      "bit-exact with an uninterrupted one", file=sys.stderr)
         if settings.parallel.recompute:  # activation checkpointing per block: memory for compute, same numbers
             for block in self.model.transformer.h:
                 block.recompute()
@@ -238,7 +237,7 @@ class Trainer:
         return {"step": self.step, "adam_step": self.adam_step, "micro_position": self.micro_position,
                 "total_steps": self.total_steps, "loss_scale": self.scaler.scale, "good_steps": self.scaler.good_steps,
                 "world": self.world, "rows": self.reader.rows, "width": self.reader.width,
-                "settings": json.loads(self.s.model_dump_json())}
+                "numerics": self.numerics, "settings": json.loads(self.s.model_dump_json())}
 
     def save(self) -> Path:
         out = self.s.output_dir / f"{CKPT_PREFIX}{self.step}"

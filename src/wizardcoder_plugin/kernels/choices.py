@@ -1,0 +1,117 @@
+"""Timing-based choices — which implementation runs a given shape fastest on this machine — made once and cached
+next to the kernel build cache (`choices.json` in `$ZOO_KERNEL_CACHE`), so later runs time nothing and pick what
+the first one picked. The key names the kernel build (source, compiler, flags, CPU), the thread count and the
+shape, so another machine or build times afresh.
+
+The trainer's choice is the linear layers' backward (`choose_backwards`). It changes results in the last bits
+(the native backward sums in another order than MindSpore's), so a run also records the choices it used and a
+resume reuses those (`train.py`): the cache only makes runs that start afresh on one machine agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from . import cache_dir
+
+
+def _path() -> Path:
+    return cache_dir() / "choices.json"
+
+
+def cached() -> dict[str, str]:
+    """Every cached choice ({} when the cache is missing, unreadable or torn)."""
+    try:
+        data = json.loads(_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remember(new: dict[str, str]) -> None:
+    """Add choices to the cache (atomically; an unwritable cache is skipped: the next run times again)."""
+    from ..atomic import write_json
+
+    if not new:
+        return
+    try:
+        write_json(_path(), cached() | new)
+    except OSError:
+        pass
+
+
+BACKWARDS = ("mindspore", "chunked", "native")
+
+
+def choose_backwards(model: object, rows: int, native: object | None, recorded: dict[str, str] | None = None,
+                      min_features: int = 2048, agree: Callable[[dict], dict] | None = None) -> dict[str, str]:
+    """On CPU, the backward of each linear shape: MindSpore's, `ChunkedBackwardDense(2)` (shapes of at least
+    `min_features` inputs; identical results) or `NativeBackwardDense` (`native` kernels, fp32 weights; fp32 with
+    another summation order). The layers of each shape get, in this order of precedence: the `recorded` choice (a
+    resumed run's, where it can be honoured here), the machine's cached choice (kernels.choices), or the fastest
+    of one timed forward+backward on `rows` random rows (an alternative must win by >= 10%), which is then cached.
+    `agree` (data parallel) makes every rank take rank 0's picks. {"NxK": choice} for every shape with a choice."""
+    import mindspore as ms
+    import numpy as np
+
+    from ..modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
+    from ..runtime import fastest_call
+
+    if ms.get_context("device_target") != "CPU":
+        return {}
+    layers: dict[str, list] = {}
+    for _, cell in model.cells_and_names():  # type: ignore[attr-defined]
+        if isinstance(cell, Linear):
+            layers.setdefault("x".join(map(str, cell.weight.shape)), []).append(cell)
+    make = {"chunked": lambda: ChunkedBackwardDense(2),
+            "native": lambda: NativeBackwardDense(native.linear_backward)}  # type: ignore[attr-defined]
+    options = {}
+    for shape, cells in layers.items():
+        k, dtype = cells[0].weight.shape[1], cells[0].weight.dtype
+        names = [n for n, ok in (("chunked", k >= min_features), ("native", native is not None and
+                                                                    dtype == ms.float32)) if ok]
+        if names:
+            options[shape] = names
+    honoured = {shape: c for shape, c in (recorded or {}).items()
+                if shape in options and (c == "mindspore" or c in options[shape])}
+    build = f"{native.library.stem}/threads{native.threads}" if native is not None else "mindspore"  # type: ignore[attr-defined]
+    keys = {shape: f"{build}/linear_backward/{shape}/rows{rows}/{layers[shape][0].weight.dtype}"
+            for shape in options if shape not in honoured}
+    rng = np.random.default_rng(0)
+
+    def time_them(shapes: list[str]) -> dict[str, str]:
+        picked = {}
+        for shape in shapes:
+            (n, k), dtype = layers[shape][0].weight.shape, layers[shape][0].weight.dtype
+            args = tuple(ms.Tensor(rng.standard_normal(dims, dtype=np.float32), dtype=dtype)
+                         for dims in ((rows, k), (n, k), (n,), (rows, n)))
+            cells = {"mindspore": DenseGrad(Dense())} | {name: DenseGrad(make[name]()) for name in options[shape]}
+            best = fastest_call(cells, args, rounds=2, calls=2)
+            winner = min(options[shape], key=lambda name: best[name])
+            picked[shape] = winner if best[winner] < 0.9 * best["mindspore"] else "mindspore"
+        return picked
+
+    known = cached()
+    chosen = honoured | {shape: known[key] for shape, key in keys.items() if key in known}
+    missing = [shape for shape in keys if shape not in chosen]
+    chosen |= time_them(missing)
+    if agree is not None:
+        chosen = agree(chosen)
+    remember({keys[shape]: chosen[shape] for shape in missing})  # after agreeing: what this run used
+    for shape, choice in chosen.items():
+        for cell in layers[shape]:
+            cell.dense = make[choice]() if choice != "mindspore" else None
+    return dict(sorted(chosen.items()))
+
+
+def rank0_choices(chosen: dict[str, str], rank: int) -> dict[str, str]:
+    """Every data-parallel rank takes rank 0's backward choices (its own timing could differ)."""
+    import numpy as np
+    from mindspore import Tensor, ops
+
+    shapes = sorted(chosen)
+    codes = np.array([BACKWARDS.index(chosen[s]) if rank == 0 else 0 for s in shapes], np.float32)
+    agreed = ops.AllReduce()(Tensor(codes)).asnumpy()
+    return {s: BACKWARDS[round(float(c))] for s, c in zip(shapes, agreed, strict=True)}
