@@ -127,3 +127,19 @@ def test_zoo_convert_cli_both_directions(hf_tiny, tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = zoo("show", "wizardcoder-tiny", "--json")
     assert "convert" in json.loads(r.stdout)["capabilities"]
+
+
+def test_wrong_shapes_are_refused_before_the_network_is_built(hf_tiny, monkeypatch):
+    """The checkpoint's names and shapes are checked from its headers first: at the real model's size a mismatch
+    must not cost building (allocating) the whole network."""
+    import wizardcoder_plugin.modeling as modeling
+    from wizardcoder_plugin.config import load_config
+    from wizardcoder_plugin.runtime import build_model
+
+    def not_yet(*_args, **_kwargs):
+        raise AssertionError("the network was built before the weights were checked")
+
+    monkeypatch.setattr(modeling, "GPTBigCodeForCausalLM", not_yet)
+    config = load_config(hf_tiny).model_copy(update={"n_embd": 128})
+    with pytest.raises(InputError, match="do not match the model architecture"):
+        build_model("custom", config, hf_tiny)

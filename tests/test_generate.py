@@ -90,6 +90,26 @@ def test_each_lm_head_layout_equals_hf_generate(generator, hf_model, layout):
 
 @pytest.mark.skipif(not __import__("wizardcoder_plugin.kernels").kernels.availability()[0],
                     reason="native kernels unavailable here")
+def test_head_layout_probe_is_cached_for_warm_starts(generator, hf_model, tmp_path, monkeypatch):
+    """The layout timed once per machine, shape and batch size is what later generators take (no probe: a planted
+    entry wins), and a cached layout still gives HF's tokens."""
+    from wizardcoder_plugin.kernels import choices
+
+    monkeypatch.setenv("ZOO_KERNEL_CACHE", str(tmp_path))
+    make = lambda: Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, max_batch=4,  # noqa: E731
+                             kernels="mindspore")
+    first = make()
+    first.generate(PROMPTS, GenerationConfig(max_new_tokens=2))
+    (key, picked), = [(k, v) for k, v in choices.cached().items() if "/head_layout/" in k]
+    assert first.head_choice == {4: picked}
+    planted = "transposed" if picked == "tied" else "tied"
+    choices.remember({key: planted})
+    second = make()
+    assert [o.token_ids for o in second.generate(PROMPTS, GenerationConfig(max_new_tokens=24))] == \
+        hf_greedy(hf_model, PROMPTS, 24)
+    assert second.head_choice == {4: planted}
+
+
 def test_native_kernels_equal_hf_generate(generator, hf_model):
     """Every decode linear layer and the LM head on the native kernel: HF's tokens, greedy and from logits
     (repetition penalty: the host picks), at each batch size the bucket rounds to."""

@@ -58,9 +58,9 @@ def register() -> dict[str, str]:
 
             self.network = GPTBigCodeForCausalLM(config.gpt_bigcode, precision)
             if config.checkpoint_name_or_path:
-                from .weights import load_into
+                from .weights import collect, load_into
 
-                load_into(self.network, Path(config.checkpoint_name_or_path), config.gpt_bigcode)
+                load_into(self.network, collect(Path(config.checkpoint_name_or_path), config.gpt_bigcode))
 
         def construct(self, input_ids, attention_mask=None):  # noqa: ANN001, ANN201 - mindformers' signature
             b, s = input_ids.shape

@@ -83,20 +83,25 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
     ms = init_mindspore()
     from .mindformers_compat import register_if_loaded
     from .modeling import GPTBigCodeForCausalLM
-    from .weights import load_into
+    from .weights import collect, load_into
 
     register_if_loaded()
     if precision == "bf16" and ms.get_context("device_target") == "CPU":
         raise InputError("bf16 compute is not supported by MindSpore's CPU kernels",
                          "use --precision fp32 or fp16 on CPU (bf16 runs on Ascend)")
     ms.set_seed(seed)
-    net = GPTBigCodeForCausalLM(config, precision)
-    net.set_train(False)
     source = find_weights(model, weights, allow_random)
     if source is None:
         print(f"note: no weights given for {model}: using a random init (seed {seed})", file=sys.stderr)
+        net = GPTBigCodeForCausalLM(config, precision)
     else:
-        load_into(net, source, config)
+        from mindspore.nn.utils import no_init_parameters
+
+        loaders = collect(source, config)  # names and shapes checked before anything big is allocated
+        with no_init_parameters():  # no random init the checkpoint would overwrite (30 s at 1B parameters)
+            net = GPTBigCodeForCausalLM(config, precision)
+        load_into(net, loaders)
+    net.set_train(False)
     return net
 
 

@@ -206,11 +206,11 @@ def collect(source: str | Path, config: GPTBigCodeConfig) -> dict[str, Callable[
     return loaders
 
 
-def load_into(model: object, source: str | Path, config: GPTBigCodeConfig) -> None:
-    """Load a checkpoint into a GPTBigCodeForCausalLM, casting to each parameter's dtype."""
+def load_into(model: object, loaders: dict[str, Callable[[], tuple[np.ndarray, str]]]) -> None:
+    """Set every parameter of a GPTBigCodeForCausalLM from `collect`'s checked tensors, cast to its dtype (the
+    parameters may be uninitialized: built under `no_init_parameters`)."""
     import mindspore as ms
 
-    loaders = collect(source, config)
     params = {p.name: p for p in model.get_parameters()}  # type: ignore[attr-defined]
     for name, load in loaders.items():
         arr, dtype = load()

@@ -3,7 +3,8 @@ next to the kernel build cache (`choices.json` in `$ZOO_KERNEL_CACHE`), so later
 the first one picked. The key names the kernel build (source, compiler, flags, CPU), the thread count and the
 shape, so another machine or build times afresh.
 
-The trainer's choice is the linear layers' backward (`choose_backwards`). It changes results in the last bits
+Cached here: the LM head's layout per batch size (`Generator`, inference: same tokens either way) and the
+trainer's linear layers' backward (`choose_backwards`). It changes results in the last bits
 (the native backward sums in another order than MindSpore's), so a run also records the choices it used and a
 resume reuses those (`train.py`): the cache only makes runs that start afresh on one machine agree.
 """
@@ -42,6 +43,13 @@ def remember(new: dict[str, str]) -> None:
         pass
 
 
+def build_tag(native: object | None) -> str:
+    """The part of a choice's key that names the kernels it was timed with (build and thread count)."""
+    if native is None:
+        return "mindspore"
+    return f"{native.library.stem}/threads{native.threads}"  # type: ignore[attr-defined]
+
+
 BACKWARDS = ("mindspore", "chunked", "native")
 
 
@@ -76,8 +84,7 @@ def choose_backwards(model: object, rows: int, native: object | None, recorded: 
             options[shape] = names
     honoured = {shape: c for shape, c in (recorded or {}).items()
                 if shape in options and (c == "mindspore" or c in options[shape])}
-    build = f"{native.library.stem}/threads{native.threads}" if native is not None else "mindspore"  # type: ignore[attr-defined]
-    keys = {shape: f"{build}/linear_backward/{shape}/rows{rows}/{layers[shape][0].weight.dtype}"
+    keys = {shape: f"{build_tag(native)}/linear_backward/{shape}/rows{rows}/{layers[shape][0].weight.dtype}"
             for shape in options if shape not in honoured}
     rng = np.random.default_rng(0)
 
