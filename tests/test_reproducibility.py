@@ -26,9 +26,16 @@ pytestmark = [pytest.mark.slow,
 TIMING = ("tokens_per_s", "step_s")
 
 
+SMALL = {"model_type": "gpt_bigcode", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
+         "vocab_size": 49153, "multi_query": True, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "ca.mindrecord"
+    """CodeAlpaca rows, and beside them a small architecture (every kind of layer, quick to compile)."""
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "config.json").write_text(json.dumps(SMALL))
+    out = folder / "ca.mindrecord"
     r = zoo("preprocess", "wizardcoder-tiny", "--input", str(CODE_ALPACA_SAMPLE), "--output", str(out),
             "--seq-length", "64", "--limit", "48")
     assert r.returncode == 0, r.stderr
@@ -36,7 +43,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "wizardcoder-tiny", "--data", str(data), "--mode", "pretrain", "--seed", "7",
+    return ["train", "wizardcoder-tiny", "--config", str(data.with_name("config.json")), "--data", str(data),
+            "--mode", "pretrain", "--seed", "7",
             "--output-dir", str(out), "--max-steps", "8", "--batch-size", "4", "--learning-rate", "1e-3",
             "--warmup-steps", "2", "--save-steps", "1", "--keep-checkpoints", "8", *extra]
 
@@ -99,11 +107,12 @@ def test_same_seed_twice_and_a_resume_after_sigkill_on_an_empty_cache_are_bit_id
     run(data, tmp_path / "other", tmp_path / "flipped")
     other = tensors(tmp_path / "other" / "checkpoint-8" / "model.ckpt")
     assert any(v.tobytes() != other[k].tobytes() for k, v in tensors(full / "checkpoint-8" / "model.ckpt").items())
-    # ... and a killed run resumed on a fresh cache that holds them still follows its own record
+    # ... and the same run killed, then resumed on a fresh cache that holds them (as on another machine), still
+    # follows its own record
     part = tmp_path / "part"
     proc = subprocess.Popen([sys.executable, "-m", "registry_spec.cli", *train_args(data, part)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=os.environ | {"ZOO_KERNEL_CACHE": str(tmp_path / "cache-b")})
+                            env=os.environ | {"ZOO_KERNEL_CACHE": str(cache)})
     deadline = time.time() + 300
     while len(checkpoints(part)) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
