@@ -95,7 +95,7 @@ def _run(box: Sandbox, folder: Path, program: str, timeout: float) -> Outcome:
     if uid is not None:
         for path in (work, work / "program.py", work / "harness.py"):
             os.chown(path, uid, uid)
-    inside = str(work) if box.mode == "process" else "/sandbox"
+    inside = box.program_dir(work)
     read_end, write_end = os.pipe()
     settings = {"program": f"{inside}/program.py", "result_fd": write_end, "guard": box.mode == "process",
                 "limits": LIMITS | {"CPU": int(timeout) + 1}, "writable": [inside],

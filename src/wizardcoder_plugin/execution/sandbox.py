@@ -95,9 +95,13 @@ class Sandbox:
             need.append("setpriv")
         return [c for c in need if shutil.which(c) is None]
 
+    def program_dir(self, work: Path) -> str:
+        """Where the program's folder `work` is seen from inside the sandbox."""
+        return str(work) if self.mode == "process" else "/sandbox"
+
     def command(self, folder: Path, uid: int | None, harness_args: list[str]) -> list[str]:
         """argv that runs `python -I -B harness.py ...` for the program in `folder`/work."""
-        inside = "/sandbox" if self.mode != "process" else str(folder / "work")
+        inside = self.program_dir(folder / "work")
         python = [self.python, "-I", "-B", f"{inside}/harness.py", *harness_args]
         drop = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
         if uid is not None:
@@ -132,8 +136,9 @@ class Sandbox:
 
     def env(self, work: Path) -> dict[str, str]:
         """The program's whole environment (nothing of the evaluator's is passed on)."""
-        home, tmp = (str(work), str(work)) if self.mode == "process" else ("/sandbox", "/tmp")
-        return {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home, "TMPDIR": tmp, "LANG": "C.UTF-8",
+        home = self.program_dir(work)
+        return {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": home,
+                "TMPDIR": home if self.mode == "process" else "/tmp", "LANG": "C.UTF-8",
                 "OMP_NUM_THREADS": "1"}
 
     def describe(self) -> str:
