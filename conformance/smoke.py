@@ -56,9 +56,9 @@ def convert_round_trip(ctx: Context) -> None:
     entry = ctx.smallest("convert")
     fx = ctx.fixture(entry)
     adapter, out = ctx.adapter(entry), ctx.workdir / "convert"
-    native = adapter.convert(ConvertSpec(model=entry.card.name, input=fx["hf_checkpoint"], output=out / "m.ckpt",
+    native = adapter.convert(ConvertSpec(model=entry.card.name, input=fx["hf_checkpoint"], output=out / "m.safetensors",
                                          config=fx.get("config")))
-    back = adapter.convert(ConvertSpec(model=entry.card.name, input=out / "m.ckpt", output=out / "hf", to="hf",
+    back = adapter.convert(ConvertSpec(model=entry.card.name, input=out / "m.safetensors", output=out / "hf", to="hf",
                                        config=fx.get("config")))
     if native.tensors != back.tensors or native.parameters != back.parameters:
         raise CheckFailed("equal tensor and parameter counts both ways", f"{native} vs {back}")

@@ -3,7 +3,7 @@
 It knows no model family and imports no ML framework.
 """
 
-__spec_version__ = "1.1.0"
+__spec_version__ = "1.2.0"
 
 from .errors import (  # noqa: E402
     AmbiguousModelError,

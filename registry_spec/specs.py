@@ -37,6 +37,8 @@ class ModelCard(_Strict):
     description: str = ""
     architecture: dict[str, Any] = Field(default_factory=dict, description="summary: layers, hidden size, heads ...")
     params: int = Field(ge=0, description="parameter count, computed from the architecture")
+    memory: dict[str, Any] = Field(default_factory=dict, description="bytes per dtype, per parameter and per token "
+                                   "(weights, KV cache, activations), for sizing a run before it starts")
     context_length: PositiveInt
     capabilities: list[Capability] = Field(default_factory=list)
     adapter: str = Field(pattern=r"^[\w.]+:[\w.]+$", description="import string 'package.module:Class'")
@@ -67,6 +69,8 @@ class ConvertSpec(_ModelSpec):
     to: Literal["ms", "hf"] = "ms"
     dtype: Literal["keep", "fp32", "fp16", "bf16"] = "keep"
     config: Path | None = None
+    max_shard_size: str = Field("5GB", description="split a checkpoint folder's safetensors past this size "
+                                "(HF's spelling: 5GB, 500MB)")
 
 
 class ConvertResult(_Strict):

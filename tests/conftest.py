@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GLOG_v", "3")
+if "ZOO_COMPILE_CACHE" not in os.environ:  # one session's graphs, not the user's cache
+    import tempfile
+
+    os.environ["ZOO_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="zoo-test-compile-")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 STARCODER2 = SHARED / "tokenizers" / "starcoder2"

@@ -10,24 +10,30 @@ from conftest import make_hf_checkpoint, zoo
 
 from registry_spec.errors import InputError, WeightsUnavailableError
 from wizardcoder_plugin.config import load_config
-from wizardcoder_plugin.safetensors_io import iter_tensors
 from wizardcoder_plugin.weights import collect, convert
+from wizardcoder_plugin.weights.safetensors_files import lazy_tensors
 
 
 def tensors_of(path):
-    return {n: np.array(a) for f in sorted(path.glob("*.safetensors")) for n, a, _ in iter_tensors(f)}
+    return {n: t.read() for f in sorted(path.glob("*.safetensors")) for n, t in lazy_tensors(f)}
 
 
-def test_hf_ms_hf_round_trip_is_bit_exact(hf_tiny, tmp_path):
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_hf_ms_hf_round_trip_is_bit_exact(hf_tiny, tmp_path, suffix):
+    import mindspore as ms
+
     cfg = load_config(hf_tiny / "config.json")
-    r1 = convert(hf_tiny, tmp_path / "m.ckpt", cfg, to="ms", progress=False)
-    r2 = convert(tmp_path / "m.ckpt", tmp_path / "back", cfg, to="hf", progress=False)
+    r1 = convert(hf_tiny, tmp_path / f"m{suffix}", cfg, to="ms", progress=False)
+    r2 = convert(tmp_path / f"m{suffix}", tmp_path / "back", cfg, to="hf", progress=False)
     src, back = tensors_of(hf_tiny), tensors_of(tmp_path / "back")
     src.pop("lm_head.weight", None)
     assert set(src) == set(back)
     for name in src:
         assert src[name].dtype == back[name].dtype and np.array_equal(src[name], back[name]), name
     assert r1.parameters == r2.parameters == cfg.num_parameters()
+    # MindSpore's own loader reads what the converter wrote
+    loaded = ms.load_checkpoint(str(tmp_path / f"m{suffix}"), format=suffix[1:])
+    assert set(loaded) == set(src) and all(np.array_equal(loaded[n].asnumpy(), src[n]) for n in src)
     from transformers import GPTBigCodeForCausalLM
 
     GPTBigCodeForCausalLM.from_pretrained(tmp_path / "back")  # loadable by the reference
@@ -53,7 +59,7 @@ def test_sharded_safetensors_and_pytorch_bin(tmp_path, hf_tiny):
     ref = tensors_of(hf_tiny)
     cfg = load_config(hf_tiny / "config.json")
     for src in (sharded, binary):
-        loaded = {n: f()[0] for n, f in collect(src, cfg).items()}
+        loaded = {n: t.read() for n, t in collect(src, cfg).items()}
         assert set(loaded) == set(ref) - {"lm_head.weight"}
         for n, a in loaded.items():
             assert np.array_equal(a, ref[n]), (src, n)
@@ -95,7 +101,7 @@ def test_reference_mindformers_naming(hf_tiny, tmp_path):
     add("head.head_weight", src["transformer.wte.weight"])
     add("adam_m.backbone.layernorm.gamma", src["transformer.ln_f.weight"])  # optimizer state is skipped
     ms.save_checkpoint(entries, str(tmp_path / "ref.ckpt"))
-    loaded = {n: f()[0] for n, f in collect(tmp_path / "ref.ckpt", cfg).items()}
+    loaded = {n: t.read() for n, t in collect(tmp_path / "ref.ckpt", cfg).items()}
     for n, a in loaded.items():
         assert np.array_equal(a, src[n]), n
 
@@ -107,6 +113,7 @@ def test_shape_mismatch_names_tensors_and_shapes(hf_tiny, tmp_path):
         convert(hf_tiny, tmp_path / "x.ckpt", PRESETS["wizardcoder-tiny"], progress=False)
     msg = str(exc.value)
     assert "transformer.h.0.attn.c_attn.weight: checkpoint (96, 64) vs model (384, 256)" in msg
+    assert "n_layer=4, n_embd=256" in msg  # the architecture in use
     assert "missing 24" in msg and "transformer.h.2.ln_1.weight" in msg
     assert not (tmp_path / "x.ckpt").exists() and not list(tmp_path.iterdir())
     with pytest.raises(WeightsUnavailableError, match="model.safetensors"):
@@ -114,11 +121,11 @@ def test_shape_mismatch_names_tensors_and_shapes(hf_tiny, tmp_path):
 
 
 def test_zoo_convert_cli_both_directions(hf_tiny, tmp_path):
-    r = zoo("convert", "wizardcoder-tiny", "--input", str(hf_tiny), "--output", str(tmp_path / "w.ckpt"),
+    r = zoo("convert", "wizardcoder-tiny", "--input", str(hf_tiny), "--output", str(tmp_path / "w.safetensors"),
             "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tensors"] == 2 + 12 * 2 + 2
-    r = zoo("convert", "wizardcoder-tiny", "--input", str(tmp_path / "w.ckpt"), "--output", str(tmp_path / "hf"),
+    r = zoo("convert", "wizardcoder-tiny", "--input", str(tmp_path / "w.safetensors"), "--output", str(tmp_path / "hf"),
             "--to", "hf", "--config", str(hf_tiny / "config.json"), "--json")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "hf" / "config.json").is_file()

@@ -56,14 +56,14 @@ def run(data: Path, out: Path, cache: Path, *extra: str, env: dict | None = None
 
 
 def tensors(ckpt: Path) -> dict[str, np.ndarray]:
-    import mindspore as ms
+    from wizardcoder_plugin.weights.sources import raw_tensors
 
-    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(ckpt)).items()}
+    return {k: t.read() for k, t in raw_tensors(ckpt)}
 
 
 def assert_bit_identical(a: Path, b: Path) -> None:
     """Two runs' final checkpoints (weights and optimizer state) and metrics, to the bit."""
-    for name in ("model.ckpt", "optimizer.ckpt"):
+    for name in ("model.safetensors", "optimizer.safetensors"):
         x, y = tensors(a / "checkpoint-8" / name), tensors(b / "checkpoint-8" / name)
         assert x.keys() == y.keys()
         differ = [k for k in x if x[k].tobytes() != y[k].tobytes()]
@@ -86,8 +86,9 @@ def test_same_seed_twice_is_bit_identical_in_fp16(data, tmp_path):
 
 
 def _flip(cache: Path, into: Path) -> None:
-    """Another machine's timing: every cached backward choice the other way round."""
-    flipped = {k: "mindspore" if v != "mindspore" else "native"
+    """Another machine's timing: every cached backward choice the other way round (native <-> MindSpore's; the
+    K-chunked backward sums as MindSpore's does, so it counts as MindSpore's here)."""
+    flipped = {k: "mindspore" if v == "native" else "native"
                for k, v in json.loads((cache / "choices.json").read_text()).items()}
     into.mkdir()
     (into / "choices.json").write_text(json.dumps(flipped))
@@ -102,11 +103,12 @@ def test_same_seed_twice_and_a_resume_after_sigkill_on_an_empty_cache_are_bit_id
     assert rec == numerics(tmp_path / "again") and rec["native_kernels"] and rec["kernel_threads"] >= 1
     cached = json.loads((cache / "choices.json").read_text())  # every linear shape had a choice: the cache's
     assert sorted(rec["linear_backward"].values()) == sorted(cached.values()) and len(cached) == 4
-    # the flipped choices change the numbers (else the resume below would prove nothing) ...
+    # a fresh run takes a flipped cache's choices (whether they change the bits depends on the machine: on a
+    # 2-vCPU EPYC the native and MindSpore backward agreed bitwise at these shapes) ...
     _flip(cache, tmp_path / "flipped")
     run(data, tmp_path / "other", tmp_path / "flipped")
-    other = tensors(tmp_path / "other" / "checkpoint-8" / "model.ckpt")
-    assert any(v.tobytes() != other[k].tobytes() for k, v in tensors(full / "checkpoint-8" / "model.ckpt").items())
+    flipped = {k: "mindspore" if v == "native" else "native" for k, v in rec["linear_backward"].items()}
+    assert numerics(tmp_path / "other")["linear_backward"] == flipped
     # ... and the same run killed, then resumed on a fresh cache that holds them (as on another machine), still
     # follows its own record
     part = tmp_path / "part"
@@ -124,6 +126,7 @@ def test_same_seed_twice_and_a_resume_after_sigkill_on_an_empty_cache_are_bit_id
     shutil.copytree(part, tmp_path / "part-without-kernels")
     r = run(data, part, tmp_path / "flipped-2", "--resume")
     assert "no longer bit-exact" not in r.stderr
+    assert numerics(part)["linear_backward"] == rec["linear_backward"]  # its record, not the flipped cache
     assert_bit_identical(full, part)
     # a recorded choice that cannot be honoured: said, and the run goes on
     r = run(data, tmp_path / "part-without-kernels", tmp_path / "cache-c", "--resume",

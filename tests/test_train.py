@@ -48,9 +48,9 @@ def mindrecord(path: Path, rows) -> Path:
 
 
 def ms_weights(ckpt: Path) -> dict[str, np.ndarray]:
-    import mindspore as ms
+    from wizardcoder_plugin.weights.sources import raw_tensors
 
-    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(ckpt)).items()}
+    return {k: t.read() for k, t in raw_tensors(ckpt)}
 
 
 def torch_reference(hf_dir: Path, rows, steps: int, batch: int, lr: float, wd: float, clip: float,
@@ -115,7 +115,8 @@ def test_adamw_steps_equal_torch(tmp_path, hf_tiny, steps, tol):
     """With clipping active, 2 accumulated micro-batches per step and decay on matrices only. Over several steps
     Adam's m/sqrt(v) turns fp32 rounding noise on zero gradients (the key bias's gradient is exactly 0 in exact
     arithmetic: softmax ignores a per-query constant) into +-lr steps of either sign, so eps = 1e-6 (both sides)
-    keeps such noise below 1e-5; the multi-step tolerance is looser for the same reason."""
+    keeps such noise near 1e-5 (1.02e-5 seen on a 2-vCPU EPYC: the key bias gets 5x the tolerance, every other
+    tensor the stated one); the multi-step tolerance is looser for the same reason."""
     rows = make_rows(12, 17, seed=1)
     data = mindrecord(tmp_path / "d.mindrecord", rows)
     lr, wd, clip = 3e-3, 0.1, 0.5
@@ -127,16 +128,22 @@ def test_adamw_steps_equal_torch(tmp_path, hf_tiny, steps, tol):
     metrics = [json.loads(x) for x in (s.output_dir / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([m["loss"] for m in metrics], ref_losses, atol=1e-5)
     assert metrics[0]["grad_norm"] > clip  # clipping was active
-    ours = ms_weights(s.output_dir / f"checkpoint-{steps}" / "model.ckpt")
+    ours = ms_weights(s.output_dir / f"checkpoint-{steps}" / "model.safetensors")
     changed = 0
     for name, value in ref.items():
         if name == "lm_head.weight":
             continue  # tied to transformer.wte.weight
-        assert np.abs(ours[name] - value).max() < tol, name
+        diff = np.abs(ours[name] - value)
+        if name.endswith("attn.c_attn.bias"):  # the key bias: zero gradient, Adam-amplified noise (docstring)
+            key = slice(CFG_EMBD, CFG_EMBD + CFG_HEAD_DIM)
+            assert diff[key].max() < 5 * tol, name
+            diff[key] = 0
+        assert diff.max() < tol, name
         changed += int(np.abs(value - ref_initial(hf_tiny)[name]).max() > 1e-4)
     assert changed > 10  # the steps really moved the weights
 
 
+CFG_EMBD, CFG_HEAD_DIM = 64, 16  # hf_tiny: 64 wide, 4 heads, multi-query (one 16-wide key head)
 _INITIAL: dict = {}
 
 
@@ -167,7 +174,7 @@ def test_resume_equals_uninterrupted_and_survives_a_killed_save(tmp_path, hf_tin
     # a save killed half-way (SIGKILL) leaves only a temporary folder: ignored and cleaned on resume
     stale = tmp_path / "part" / ".checkpoint-4.abc.tmp"
     stale.mkdir()
-    (stale / "model.ckpt").write_bytes(b"partial")
+    (stale / "model.safetensors").write_bytes(b"partial")
     resumed = train(TrainSettings(output_dir=tmp_path / "part", resume=True, **common), hf_tiny)
     assert resumed.steps == 6 and not stale.exists()
     a, b = ms_weights(full.checkpoint), ms_weights(resumed.checkpoint)
@@ -297,16 +304,16 @@ def test_data_parallel_over_two_msrun_processes_equals_one_process(tmp_path, hf_
                            timeout=600, cwd=tmp_path)
         logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in (tmp_path / "logs" / out).glob("*.log"))
         assert r.returncode == 0, logs
-    again = ms_weights(tmp_path / "dp-again" / "checkpoint-3" / "model.ckpt")
-    first = ms_weights(tmp_path / "dp" / "checkpoint-3" / "model.ckpt")
+    again = ms_weights(tmp_path / "dp-again" / "checkpoint-3" / "model.safetensors")
+    first = ms_weights(tmp_path / "dp" / "checkpoint-3" / "model.safetensors")
     assert [k for k in first if first[k].tobytes() != again[k].tobytes()] == []
     one = zoo(*args(2), "--output-dir", str(tmp_path / "single"), env={"ZOO_KERNEL_CACHE": str(cache)})
     assert one.returncode == 0, one.stderr
     dp_m = [json.loads(x) for x in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
     one_m = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([m["loss"] for m in dp_m], [m["loss"] for m in one_m], atol=1e-5)
-    a = ms_weights(tmp_path / "dp" / "checkpoint-3" / "model.ckpt")
-    b = ms_weights(tmp_path / "single" / "checkpoint-3" / "model.ckpt")
+    a = ms_weights(tmp_path / "dp" / "checkpoint-3" / "model.safetensors")
+    b = ms_weights(tmp_path / "single" / "checkpoint-3" / "model.safetensors")
     for k in a:  # the key bias has an exactly-zero true gradient: Adam turns its rounding noise into +-lr steps
         if k.endswith("attn.c_attn.bias"):
             a[k][64:80] = b[k][64:80] = 0.0

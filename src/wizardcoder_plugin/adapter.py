@@ -63,15 +63,21 @@ class WizardCoderAdapter(BaseAdapter):
 
     def generator(self, spec: PredictSpec) -> tuple[object, object]:
         from .generate import Generator
+        from .memory import check_inference
         from .runtime import build_model
 
         config = self.config(spec.config)
         key = (str(spec.weights), str(spec.config), spec.precision, str(spec.tokenizer))
         if key not in self._generators:
+            if spec.precision == "fp32":  # the compiler runs while MindSpore starts (built once per machine)
+                from .kernels import prebuild
+
+                prebuild()
             tok = self.tokenizer(spec.tokenizer, spec.weights)
             if tok.vocab_size > config.vocab_size:  # type: ignore[attr-defined]
                 raise InputError(f"the tokenizer has {tok.vocab_size} tokens but the model only "  # type: ignore
                                  f"{config.vocab_size}", "use the checkpoint's own tokenizer files")
+            check_inference(config, spec.precision, spec.batch_size, "generating with this model")
             net = build_model(self.card.name, config, spec.weights, spec.precision, seed=spec.seed or 0)
             gen = Generator(net, tok.eos_token_id, tok.pad_token_id, max_batch=spec.batch_size)  # type: ignore
             self._generators[key] = (gen, tok)
@@ -86,7 +92,8 @@ class WizardCoderAdapter(BaseAdapter):
         config = self.config(spec.config)
         if spec.config is None and spec.input.is_dir() and (spec.input / "config.json").is_file():
             config = resolve_config(self.card.name, spec.input / "config.json")
-        return convert(spec.input, spec.output, config, to=spec.to, dtype=spec.dtype)
+        return convert(spec.input, spec.output, config, to=spec.to, dtype=spec.dtype,
+                       max_shard_size=spec.max_shard_size)
 
     def predict(self, spec: PredictSpec) -> PredictResult:
         from .predict import run_predict
@@ -111,10 +118,14 @@ class WizardCoderAdapter(BaseAdapter):
 
     def export(self, spec: ExportSpec) -> ExportResult:
         from .export import run_export
+        from .memory import check_inference, weight_bytes
         from .runtime import build_model, find_weights
 
         config = self.config(spec.config)
         tok = self.tokenizer(spec.tokenizer, spec.weights)
+        # exporting serializes the weights once more
+        check_inference(config, spec.precision, 1, "zoo export",
+                        {"exported copy": weight_bytes(config, spec.precision)})
         net = build_model(self.card.name, config, spec.weights, spec.precision)
         return run_export(spec, net, config, tok, find_weights(self.card.name, spec.weights))
 
@@ -148,10 +159,12 @@ class WizardCoderAdapter(BaseAdapter):
         import sys
 
         from .bench import run_bench
+        from .memory import check_inference
         from .runtime import build_model, find_weights
 
         config = self.config(spec.config)
         tok = self.tokenizer(None, spec.weights)
+        check_inference(config, "fp32", max(spec.batch_sizes), "zoo bench")
         net = build_model(self.card.name, config, spec.weights)
         return run_bench(spec, self.card.name, config, net, tok, find_weights(self.card.name, spec.weights),
                          lambda line: print(line, file=sys.stderr))
@@ -166,7 +179,7 @@ class WizardCoderAdapter(BaseAdapter):
 
         workdir.mkdir(parents=True, exist_ok=True)
         config = self.config(None)
-        ckpt = save_random_init(self.card.name, config, workdir / "init.ckpt")
+        ckpt = save_random_init(self.card.name, config, workdir / "init.safetensors")
         hf_dir = workdir / "hf"
         convert(ckpt, hf_dir, config, to="hf", progress=False)
         data = workdir / "instructions.json"

@@ -318,12 +318,10 @@ def _measure(spec: BenchSpec, config: object, engines: dict[str, Callable[[int],
 
 def _hf_copy(net: object, config: object, work: Path) -> Path:
     """The model's current weights as an HF checkpoint folder, for the reference engine."""
-    import mindspore as ms
+    from .weights import convert, save_params
 
-    from .weights import convert
-
-    ckpt = work / "weights.ckpt"
-    ms.save_checkpoint(net, str(ckpt))
+    ckpt = work / "weights.safetensors"
+    save_params(net.get_parameters(), ckpt)  # type: ignore[attr-defined]
     convert(ckpt, work / "hf", config, to="hf", progress=False)  # type: ignore[arg-type]
     return work / "hf"
 

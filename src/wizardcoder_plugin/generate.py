@@ -85,7 +85,6 @@ def select_tokens(logits: np.ndarray, history: Sequence[Sequence[int]], cfg: Gen
 HEAD_LAYOUTS = ("auto", "tied", "transposed")
 KERNELS = ("auto", "native", "mindspore")
 _HEAD_COPY_LIMIT = 512 * 2**20  # bytes: above this the copy's memory outweighs what its speed could save
-_NATIVE_BLOCKS_CREDIT = 1.2  # the native head may be this much slower and still win: its blocks are faster
 
 
 class Generator:
@@ -177,31 +176,14 @@ class Generator:
             candidates[self.head_layout] = None
         else:
             candidates["tied"] = None
-            if wte.size * wte.itemsize <= _HEAD_COPY_LIMIT and ms.get_context("device_target") == "CPU":
+            # beside the native kernels the copy is not a candidate: a MindSpore head must beat their head and
+            # blocks by 1.2x, which the copy's ~10% never made up where measured, and it costs seconds at 1B
+            if native is None and wte.size * wte.itemsize <= _HEAD_COPY_LIMIT and \
+                    ms.get_context("device_target") == "CPU":
                 candidates["transposed"] = None
         if len(candidates) == 1:
             return next(iter(candidates))
-        key = f"{choices.build_tag(native)}/head_layout/{wte.shape}/b{batch}/{wte.dtype}/{'+'.join(sorted(candidates))}"
-        if (known := choices.cached().get(key)) in candidates:  # timed by an earlier run: a warm start probes nothing
-            return known
-        from .modeling import LMHeadCell
-        from .runtime import fastest_call
-
-        hidden = ms.Tensor(np.random.default_rng(0).standard_normal((batch, wte.shape[1]), dtype=np.float32),
-                           dtype=wte.dtype)
-        # two compiled instances per candidate: one instance's speed can be off for its lifetime (buffer placement)
-        cells = {(name, i): LMHeadCell(self.model, self._transposed_head() if name == "transposed" else None,
-                                       native if name == "native" else None)
-                 for name in candidates for i in range(2)}
-        timed = fastest_call(cells, (hidden,))
-        best = {name: min(t for (n, _), t in timed.items() if n == name) for name in candidates}
-        if "transposed" in best and best["transposed"] >= 0.9 * best.get("tied", float("inf")):
-            del best["transposed"]  # only a clear win pays for the copy's memory
-        if "native" in best:  # the native blocks come with it: 1.6-2.3x MindSpore's kernels where measured
-            best["native"] /= _NATIVE_BLOCKS_CREDIT
-        winner = min(best, key=best.__getitem__)
-        choices.remember({key: winner})
-        return winner
+        return choices.head_layout(self.model, batch, sorted(candidates), native, self._transposed_head)
 
     def decode_kernels(self, batch: int) -> dict[str, object]:
         """What `batch`-row decode graphs run on, for reports: {"kernels": "native", "kernel_threads": n} or
@@ -254,11 +236,14 @@ class Generator:
         the screened head), the others logits. The bucket's graphs share its caches. Every cell sees one input
         shape, so each runs in MindSpore's "increment" phase (re-entered without walking the cell tree: ~1 ms a
         call saved on the tiny model's prefill)."""
+        from .memory import check_bucket
         from .modeling import DecodeCell, KVCache, PrefillCell
 
         key = (batch, max_len)
         head_t = self._head_for(batch)
         native = self._native if self.head_choice[batch] == "native" else None
+        if key not in self._cells or not any(k[0] == prompt_len for k in self._cells[key] if isinstance(k, tuple)):
+            check_bucket(self.config, self.model.precision, batch, max_len, prompt_len)  # type: ignore[attr-defined]
         if key not in self._cells:
             dtype = self.model.transformer.wte.weight.dtype  # type: ignore[attr-defined]
             self._cells[key] = {"cache": KVCache(self.config, batch, max_len, dtype, tag=f"b{batch}t{max_len}")}
@@ -273,6 +258,11 @@ class Generator:
             cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy, head_t=head_t, native=native,
                                      screen=screen)
         return cells[prefill], cells[kind]
+
+    def _compile(self, cell: object, args: tuple) -> None:
+        from .runtime import compile_cell
+
+        compile_cell(cell, args, {"config": self.config.model_dump(), "precision": self.model.precision})  # type: ignore
 
     def check_prompt(self, ids: list[int], cfg: GenerationConfig) -> list[int]:
         limit = self.config.seq_length - 1
@@ -319,13 +309,17 @@ class Generator:
         t0 = time.perf_counter()
         if cfg.use_cache:
             prefill, decode = self._cells_for(batch, max_len, prompt_len, in_graph_greedy(cfg))
-            logits = prefill(ms.Tensor.from_numpy(ids), ms.Tensor.from_numpy(lengths)).asnumpy()
+            args = (ms.Tensor.from_numpy(ids), ms.Tensor.from_numpy(lengths))
+            self._compile(prefill, args)
+            logits = prefill(*args).asnumpy()
 
             def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
                 # from_numpy shares the arrays (half the cost of a copy per step); the call has finished with
                 # them when asnumpy returns, and the loop makes new ones for the next step
-                return decode(ms.Tensor.from_numpy(np.ascontiguousarray(tokens.reshape(batch, 1))),
-                              ms.Tensor.from_numpy(np.ascontiguousarray(positions))).asnumpy()
+                args = (ms.Tensor.from_numpy(np.ascontiguousarray(tokens.reshape(batch, 1))),
+                        ms.Tensor.from_numpy(np.ascontiguousarray(positions)))
+                self._compile(decode, args)
+                return decode(*args).asnumpy()
         else:
             full = np.full((batch, max_len), self.pad, dtype=np.int32)
             full[:, :prompt_len] = ids

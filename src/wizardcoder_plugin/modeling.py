@@ -162,6 +162,13 @@ class Dropout(nn.Cell):
         return x
 
 
+def causal_mask(s: int) -> Tensor:
+    """[1, S, S] bool, True where a query may see a key, computed in the graph: a stored [n_positions]^2 constant
+    would be copied into every compiled graph (64 MB each at 8192 positions, in memory and in the compile cache)."""
+    pos = ops.arange(0, s, dtype=ms.int32)
+    return (pos.reshape(1, s, 1) >= pos.reshape(1, 1, s)).reshape(1, s, s)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_query: bool,
            dropout: nn.Cell | None = None) -> Tensor:
     """Scaled dot-product attention. q [B,S,H*d] (already scaled), k/v [B,T,kv*d], mask bool [B,S,T] -> [B,S,H*d].
@@ -315,7 +322,6 @@ class GPTBigCodeForCausalLM(nn.Cell):
         self.transformer = GPTBigCodeModel(config, _DTYPES[precision])
         self.head_matmul = ops.MatMul(transpose_b=True)  # tied head: no per-call transpose of the embedding
         self.head_matmul_t = ops.MatMul()
-        self.causal = Tensor(np.tril(np.ones((config.n_positions, config.n_positions), dtype=np.bool_)))
 
     def lm_head(self, hidden: Tensor, weight_t: Parameter | None = None, native_linear: object | None = None) -> Tensor:
         """hidden [..., E] -> fp32 logits [..., V] from the tied embedding [V, E], or from `weight_t`, a transposed
@@ -352,7 +358,7 @@ class GPTBigCodeForCausalLM(nn.Cell):
         """input_ids/position_ids int32 [B,S], attention_mask (1 = real token) [B,S] -> fp32 logits [B,S,V]."""
         s = input_ids.shape[1]
         keep = attention_mask.astype(ms.bool_)
-        mask = ops.logical_and(self.causal[:s, :s].reshape(1, s, s), keep.reshape(keep.shape[0], 1, s))
+        mask = ops.logical_and(causal_mask(s), keep.reshape(keep.shape[0], 1, s))
         return self.lm_head(self.transformer(input_ids, position_ids, mask))
 
 
@@ -469,7 +475,7 @@ class PrefillCell(_CachedCell):
         tr = self.model.transformer
         positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
         rows = self.cache_rows(positions)
-        mask = self.model.causal[:s, :s].reshape(1, s, s).broadcast_to((b, s, s))
+        mask = causal_mask(s).broadcast_to((b, s, s))
         hidden = tr.embed(input_ids, positions)
         for i, block in enumerate(tr.h):
             attn, mlp = block.attn, block.mlp
@@ -584,7 +590,7 @@ class LastTokenCell(nn.Cell):
         tr = self.model.transformer
         positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
         keep = positions < lengths.reshape(b, 1)
-        mask = ops.logical_and(self.model.causal[:s, :s].reshape(1, s, s), keep.reshape(b, 1, s))
+        mask = ops.logical_and(causal_mask(s), keep.reshape(b, 1, s))
         hidden = tr(input_ids, positions, mask)
         last = ops.stack((ops.arange(0, b, dtype=ms.int32), lengths - 1), axis=-1)
         return self.model.lm_head(ops.gather_nd(hidden, last))

@@ -9,6 +9,7 @@ from registry_spec.specs import ExporterInfo, ModelCard, PluginManifest
 
 from . import __version__
 from .config import PRESETS
+from .memory import card_figures
 
 PLUGIN_NAME = "wizardcoder"
 ADAPTER = "wizardcoder_plugin.adapter:WizardCoderAdapter"
@@ -42,6 +43,7 @@ def cards() -> list[ModelCard]:
             description=_DESCRIPTIONS[name],
             architecture=cfg.summary(),
             params=cfg.num_parameters(),
+            memory=card_figures(cfg),
             context_length=cfg.n_positions,
             capabilities=list(CAPABILITIES),
             adapter=ADAPTER,

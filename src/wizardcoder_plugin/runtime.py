@@ -1,5 +1,5 @@
-"""MindSpore start-up done once: GRAPH_MODE, quiet logs, no files in the user's cwd; model construction; timing
-compiled cells against each other."""
+"""MindSpore start-up done once: GRAPH_MODE, quiet logs, no files in the user's cwd; model construction; graphs
+compiled through a correctly keyed compile cache; timing compiled cells against each other."""
 
 from __future__ import annotations
 
@@ -54,6 +54,99 @@ def fastest_call(cells: dict[object, Callable], args: tuple, rounds: int = 4, ca
     return best
 
 
+def compile_cache_root() -> Path | None:
+    """$ZOO_COMPILE_CACHE (0 or off: no cache), else ~/.cache/zoo/compile."""
+    value = os.environ.get("ZOO_COMPILE_CACHE", "")
+    if value.lower() in ("0", "off", "false", "no"):
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "zoo" / "compile"
+
+
+_CACHE_ENV = ("MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH")
+
+
+@lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """What a compiled graph depends on besides its key: this plugin's sources, MindSpore and Python."""
+    import hashlib
+
+    import mindspore as ms
+
+    h = hashlib.sha256(f"{ms.__version__}|{sys.version}".encode())
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _prune(root: Path, days: float = 30) -> None:
+    """Drop graphs no run has used for `days` (every code change keys new ones)."""
+    import shutil
+
+    cutoff = time.time() - days * 86400
+    for old in root.glob("*/"):
+        if old.stat().st_mtime < cutoff:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def compile_cell(cell: object, args: tuple, key: dict) -> None:
+    """Compile `cell` for `args` (once) through MindSpore's compile cache, in a folder of its own per graph: MindSpore
+    files cached graphs by the order a process compiles them and checks only the entry script for changes, so a
+    shared folder hands a later run the wrong graph (measured: a prefill for another prompt length). `key` names
+    everything else the graph depends on (configuration, shapes, kernel build); the cell's parameter names,
+    shapes and dtypes are added here. Concurrent runs take turns on a folder (flock)."""
+    import fcntl
+    import hashlib
+    import json
+
+    from .kernels.choices import build_tag
+
+    if getattr(cell, "zoo_compiled", False):
+        return
+    cell.zoo_compiled = True  # type: ignore[attr-defined]
+    init_mindspore()
+    root = compile_cache_root()
+    if root is None:
+        cell.compile(*args)  # type: ignore[attr-defined]
+        return
+    native = getattr(cell, "native", None)  # the native kernels' build (library path, source, flags)
+    params = [(p.name, tuple(p.shape), str(p.dtype)) for p in cell.get_parameters()]  # type: ignore[attr-defined]
+    shapes = [(tuple(a.shape), str(a.dtype)) for a in args]
+    blob = json.dumps([_code_digest(), type(cell).__name__, key, shapes, params,
+                       build_tag(native) if native is not None else None,
+                       str(getattr(native, "library", ""))], sort_keys=True, default=str)  # graphs name its path
+    folder = root / hashlib.sha256(blob.encode()).hexdigest()[:24]
+    try:
+        if not folder.exists():
+            _prune(root)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.utime(folder)  # last use, for _prune
+        lock = open(folder / ".lock", "w")  # noqa: SIM115 - held for the compile below
+    except OSError as exc:  # an unwritable cache costs the compile time only
+        print(f"note: compile cache {root} not usable ({exc.strerror}): compiling without it", file=sys.stderr)
+        cell.compile(*args)  # type: ignore[attr-defined]
+        return
+    from mindspore.graph import api
+
+    saved = {k: os.environ.get(k) for k in _CACHE_ENV}
+    entry = getattr(api, "entry_script_path", None)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # MindSpore hashes the entry script and what it imports into the cache's validity; its import walk fails
+        # on relative imports (`python -m registry_spec.cli`), and the key above already names the code
+        (folder / "key.py").write_text(f"# {blob}\n")
+        api.entry_script_path = str(folder / "key.py")
+        os.environ.update({"MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": str(folder)})
+        try:  # MindSpore reads both at each compile (its set_context keys for them are deprecated)
+            cell.compile(*args)  # type: ignore[attr-defined]
+        finally:
+            api.entry_script_path = entry
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def weights_search_paths(model: str) -> list[Path]:
     roots = [os.environ.get("ZOO_WEIGHTS_DIR"), str(Path.home() / ".cache" / "zoo" / "weights")]
     return [Path(r) / model for r in roots if r]
@@ -74,7 +167,7 @@ def find_weights(model: str, weights: Path | None, allow_random: bool = False) -
         return None
     raise WeightsUnavailableError(f"weights for {model!r}", [str(c) for c in candidates],
                                   f"convert the HF checkpoint (`zoo convert {model} --input HF_DIR --output "
-                                  f"{candidates[-1]}/model.ckpt`) or pass --weights")
+                                  f"{candidates[-1]}/model.safetensors`) or pass --weights")
 
 
 def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, precision: str = "fp32",
@@ -90,6 +183,10 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
         raise InputError("bf16 compute is not supported by MindSpore's CPU kernels",
                          "use --precision fp32 or fp16 on CPU (bf16 runs on Ascend)")
     ms.set_seed(seed)
+    if precision == "fp32" and ms.get_context("device_target") == "CPU":
+        from .kernels import prebuild
+
+        prebuild()
     source = find_weights(model, weights, allow_random)
     if source is None:
         print(f"note: no weights given for {model}: using a random init (seed {seed})", file=sys.stderr)
@@ -106,9 +203,10 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
 
 
 def save_random_init(model: str, config: GPTBigCodeConfig, path: Path, seed: int = 0) -> Path:
-    """Write the seeded random init of `model` as a MindSpore .ckpt, atomically."""
-    ms = init_mindspore()
-    tmp = path.with_name(f".{path.stem}.tmp.ckpt")  # MindSpore appends .ckpt to other names
-    ms.save_checkpoint(build_model(model, config, None, seed=seed), str(tmp))
-    tmp.replace(path)
+    """Write the seeded random init of `model` as a MindSpore .safetensors checkpoint, atomically."""
+    from .atomic import atomic_path
+    from .weights import save_params
+
+    with atomic_path(path) as tmp:
+        save_params(build_model(model, config, None, seed=seed).get_parameters(), tmp)  # type: ignore
     return path

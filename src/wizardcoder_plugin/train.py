@@ -5,8 +5,9 @@ all-reduce + norm graph and one AdamW graph. Rows are read in file order (the re
 step takes the next `batch_size * grad_accum * ranks` rows, so a run's data position is one integer and training on
 N ranks sees exactly the rows one process would with an N-times larger batch.
 
-Checkpoints (`checkpoint-<step>/`: model.ckpt, optimizer.ckpt, state.json) are written to a temporary folder and
-renamed into place, so a run killed mid-save leaves the previous checkpoint intact. Ctrl-C saves and exits.
+Checkpoints (`checkpoint-<step>/`: model.safetensors, optimizer.safetensors, state.json) are written to a
+temporary folder and renamed into place, so a run killed mid-save leaves the previous checkpoint intact. Ctrl-C
+saves and exits.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .atomic import atomic_dir, write_jsonl
 from .config import GPTBigCodeConfig
 from .preprocess import COLUMNS, read_mindrecord
 from .run_config import TrainSettings
+from .weights import load_params, save_params
 
 CKPT_PREFIX = "checkpoint-"
 StepCallback = Callable[[dict], None]
@@ -106,24 +108,10 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
-def _save_params(params: list, path: Path) -> None:
-    import mindspore as ms
-
-    ms.save_checkpoint([{"name": p.name, "data": p} for p in params], str(path))
-
-
-def _load_params(params: list, path: Path) -> None:
-    import mindspore as ms
-
-    saved = ms.load_checkpoint(str(path))
-    for p in params:
-        if p.name not in saved:
-            raise InputError(f"checkpoint {path} has no tensor {p.name!r}", "resume from a checkpoint of this run")
-        value = saved[p.name]
-        if tuple(value.shape) != tuple(p.shape):
-            raise InputError(f"checkpoint {path}: {p.name} has shape {tuple(value.shape)}, the model needs "
-                             f"{tuple(p.shape)}", "resume with the same model config")
-        p.set_data(value.astype(p.dtype))
+def _checkpoint_file(folder: Path, stem: str) -> Path:
+    """`stem`.safetensors, or the .ckpt a run before 0.9 wrote."""
+    new = folder / f"{stem}.safetensors"
+    return new if new.is_file() or not (folder / f"{stem}.ckpt").is_file() else folder / f"{stem}.ckpt"
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
@@ -174,6 +162,7 @@ class Trainer:
                  progress: bool = True) -> None:
         from mindspore import ParameterTuple, nn
 
+        from .memory import check, training_plan
         from .optim import AccumulateGrads, AdamW, CausalLMLoss, ClearGrads, GradStats, LossScaler, fp32_zeros
         from .runtime import build_model, init_mindspore
 
@@ -185,6 +174,11 @@ class Trainer:
         if seq > config.n_positions:
             raise InputError(f"rows of {seq} tokens exceed the model's {config.n_positions} positions",
                              "preprocess with a smaller --seq-length")
+        check(training_plan(config, settings.precision, settings.batch_size, seq), "zoo train",
+              [*(["--precision fp16"] if settings.precision == "fp32" else []),
+               "a smaller --batch-size with a larger --grad-accum (same rows per step)", "a shorter --seq-length",
+               "data parallel over more ranks (msrun) does not split the model; LoRA and model parallel: not "
+               "available yet"])
         self.model = build_model(model_name, config, settings.weights, settings.precision, seed=settings.seed,
                                  allow_random=settings.mode == "pretrain")
         self.model.set_train(True)
@@ -243,8 +237,8 @@ class Trainer:
         out = self.s.output_dir / f"{CKPT_PREFIX}{self.step}"
         if self.rank == 0:
             with atomic_dir(out) as tmp:
-                _save_params(list(self.params), tmp / "model.ckpt")
-                _save_params(self.optimizer_params(), tmp / "optimizer.ckpt")
+                save_params(list(self.params), tmp / "model.safetensors")
+                save_params(self.optimizer_params(), tmp / "optimizer.safetensors")
                 (tmp / "state.json").write_text(json.dumps(self.state(), indent=2))
             for old in checkpoints(self.s.output_dir)[: -self.s.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -261,8 +255,8 @@ class Trainer:
             if saved[key] != getattr(self.s, key):
                 raise InputError(f"cannot resume from {ckpt}: {key} was {saved[key]}, now {getattr(self.s, key)}",
                                  f"pass --{key.replace('_', '-')} {saved[key]}")
-        _load_params(list(self.params), ckpt / "model.ckpt")
-        _load_params(self.optimizer_params(), ckpt / "optimizer.ckpt")
+        load_params(list(self.params), _checkpoint_file(ckpt, "model"))
+        load_params(self.optimizer_params(), _checkpoint_file(ckpt, "optimizer"))
         self.step, self.adam_step = state["step"], state["adam_step"]
         self.micro_position = state["micro_position"]
         self.scaler.scale, self.scaler.good_steps = state["loss_scale"], state["good_steps"]
@@ -348,7 +342,7 @@ class Trainer:
         if saved is None or saved.name != f"{CKPT_PREFIX}{self.step}":
             saved = self.save()
         return TrainResult(output_dir=s.output_dir, steps=self.step, final_loss=last_loss,
-                           checkpoint=saved / "model.ckpt", metrics_file=metrics_file,
+                           checkpoint=saved / "model.safetensors", metrics_file=metrics_file,
                            tokens_per_s=round(tokens_per_s, 1))
 
 

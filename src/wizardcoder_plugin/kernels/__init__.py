@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -113,6 +114,25 @@ def build(source: Path = SOURCE) -> Path:
     return target
 
 
+_prebuild: list[threading.Thread] = []
+
+
+def prebuild() -> None:
+    """Start building the library in the background, so the compiler runs while MindSpore starts and the weights
+    load (on a cold cache the build is the largest part of a first run's start-up)."""
+    if _prebuild or os.environ.get("ZOO_NATIVE_KERNELS", "1") == "0":
+        return
+
+    def run() -> None:
+        try:
+            build()
+        except KernelUnavailable:
+            pass  # reported, once, when the kernels are asked for
+
+    _prebuild.append(threading.Thread(target=run, name="zoo-kernel-build", daemon=True))
+    _prebuild[0].start()
+
+
 def native_kernels() -> NativeKernels:
     """Build (or find) the library and wrap its entry points as Custom ops; raises KernelUnavailable with the
     reason where that is not possible. Tried once per process: a failure is remembered, not retried."""
@@ -136,6 +156,8 @@ def _load() -> NativeKernels | KernelUnavailable:
 def _build_and_wrap() -> NativeKernels:
     if os.environ.get("ZOO_NATIVE_KERNELS", "1") == "0":
         raise KernelUnavailable("disabled by ZOO_NATIVE_KERNELS=0")
+    for started in _prebuild:
+        started.join()
     library = build()
     import ctypes
 

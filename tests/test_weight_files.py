@@ -1,0 +1,163 @@
+"""Checkpoint files read from their headers and written streaming: MindSpore's .ckpt wire format both ways
+(slices, crc trailer, bf16), HF shards with an index, damaged files refused clearly, and a conversion whose peak
+memory does not grow with the model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import make_hf_checkpoint, zoo
+
+from registry_spec.errors import InputError
+from wizardcoder_plugin.config import load_config
+from wizardcoder_plugin.weights import ckpt_files, collect, convert
+from wizardcoder_plugin.weights.tensors import LazyTensor, bf16_to_f32, f32_to_bf16
+
+
+def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"a.weight": rng.standard_normal((33, 17)).astype(np.float32),
+            "b.bias": rng.standard_normal(5).astype(np.float16),
+            "c.scalar": np.array(7, dtype=np.int64)}
+
+
+def _lazy(arr: np.ndarray, dtype: str) -> LazyTensor:
+    return LazyTensor(arr.shape, dtype, lambda: arr)
+
+
+def test_ckpt_written_by_mindspore_with_slices_and_crc_is_read(tmp_path, monkeypatch):
+    import mindspore as ms
+    import mindspore.train.serialization as serialization
+
+    arrays = _arrays()
+    bf16 = ms.Tensor(arrays["a.weight"]).astype(ms.bfloat16)
+    monkeypatch.setattr(serialization, "SLICE_SIZE", 1)  # KB: every tensor over 1 KB is split into values
+    for crc in (False, True):
+        path = tmp_path / f"ms-{crc}.ckpt"
+        ms.save_checkpoint([{"name": n, "data": ms.Tensor(a)} for n, a in arrays.items()]
+                           + [{"name": "d.bf16", "data": bf16}], str(path), crc_check=crc)
+        got = {n: t for n, t in ckpt_files.lazy_tensors(path)}
+        for name, arr in arrays.items():
+            assert got[name].shape == arr.shape and np.array_equal(got[name].read(), arr), name
+        assert got["d.bf16"].dtype == "BF16"
+        assert np.array_equal(got["d.bf16"].read(), f32_to_bf16(bf16.astype(ms.float32).asnumpy()))
+
+
+def test_ckpt_written_here_is_read_by_mindspore(tmp_path):
+    import mindspore as ms
+
+    arrays = _arrays(1)
+    bits = f32_to_bf16(arrays["a.weight"])
+    items = [("a.weight", _lazy(arrays["a.weight"], "F32")), ("b.bias", _lazy(arrays["b.bias"], "F16")),
+             ("c.scalar", _lazy(arrays["c.scalar"], "I64")), ("d.bf16", _lazy(bits, "BF16"))]
+    ckpt_files.write_file(tmp_path / "x.ckpt", items, slice_bytes=256)  # several values per tensor
+    loaded = ms.load_checkpoint(str(tmp_path / "x.ckpt"))
+    for name, arr in arrays.items():
+        assert np.array_equal(loaded[name].asnumpy(), arr), name
+    assert np.array_equal(loaded["d.bf16"].astype(ms.float32).asnumpy(), bf16_to_f32(bits))
+    assert {n: t.read().tobytes() for n, t in ckpt_files.lazy_tensors(tmp_path / "x.ckpt")} == \
+        {n: t.read().tobytes() for n, t in items}
+
+
+def test_sharded_hf_output_follows_hf_index_convention(hf_tiny, tmp_path):
+    from transformers import GPTBigCodeForCausalLM
+
+    cfg = load_config(hf_tiny / "config.json")
+    out = tmp_path / "sharded"
+    convert(hf_tiny, out, cfg, to="hf", max_shard_size="400KB", progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in collect(hf_tiny, cfg).values())
+    assert all(s.stat().st_size < 400_000 + 200_000 for s in shards[1:-1])  # one tensor may pass the size alone
+    ref = GPTBigCodeForCausalLM.from_pretrained(hf_tiny).state_dict()
+    got = GPTBigCodeForCausalLM.from_pretrained(out).state_dict()
+    assert all(np.array_equal(ref[n].numpy(), got[n].numpy()) for n in ref)
+    # converting again with one shard replaces the shards rather than leaving them beside model.safetensors
+    convert(hf_tiny, out, cfg, to="hf", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "empty"])
+def test_damaged_files_are_refused_with_exit_2(hf_tiny, tmp_path, damage):
+    good = (hf_tiny / "model.safetensors").read_bytes()
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes({"truncated": good[: len(good) // 2], "header": b"\x10" + good[1:], "empty": b""}[damage])
+    r = zoo("convert", "wizardcoder-tiny", "--config", str(hf_tiny / "config.json"), "--input", str(bad),
+            "--output", str(tmp_path / "out.safetensors"))
+    assert r.returncode == 2 and "not a valid safetensors file" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # nothing half-written
+
+
+def test_damaged_ckpt_is_refused(hf_tiny, tmp_path):
+    cfg = load_config(hf_tiny / "config.json")
+    convert(hf_tiny, tmp_path / "m.ckpt", cfg, to="ms", progress=False)
+    data = (tmp_path / "m.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(InputError, match="cannot read MindSpore checkpoint"):
+        collect(tmp_path / "cut.ckpt", cfg)
+
+
+MEASURE = """
+import json, resource, sys
+from wizardcoder_plugin.config import load_config
+from wizardcoder_plugin.weights import convert
+import tqdm, mindspore  # imported before the baseline: their memory is not the conversion's
+def rss_mb(): return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+cfg = load_config(sys.argv[1] + "/config.json")
+before = rss_mb()
+open("/proc/self/clear_refs", "w").write("5")  # resets the high-water mark to the current RSS
+convert(sys.argv[1], sys.argv[2], cfg, to=sys.argv[3], dtype=sys.argv[4], max_shard_size="64MB", progress=False)
+peak = [int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"before": before, "peak": peak}))
+"""
+
+
+@pytest.mark.parametrize("to,suffix,dtype", [("ms", ".safetensors", "keep"), ("ms", ".ckpt", "fp16"),
+                                             ("hf", "", "bf16")])
+def test_conversion_memory_is_bounded_by_the_largest_tensor(tmp_path_factory, to, suffix, dtype):
+    """A 280 MB checkpoint (largest tensor 9.4 MB) converts within the imports plus a few tensors: a converter that
+    held the model would need the model's size again."""
+    src = tmp_path_factory.getbasetemp() / "hf-280mb"
+    if not src.exists():
+        make_hf_checkpoint(src, vocab=1024, n_embd=768, n_layer=12, n_head=12, n_positions=512)
+    total = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**20
+    out = tmp_path_factory.mktemp("out") / f"converted{suffix}"
+    r = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(out), to, dtype], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    largest = 768 * 3072 * 4 / 2**20
+    assert total > 250 and m["peak"] - m["before"] < 8 * largest + 40, (m, total)
+
+
+def test_params_saved_as_safetensors_and_legacy_ckpt_load_back(tmp_path):
+    """Training checkpoints: save_params writes safetensors (MindSpore's loader reads them); load_params reads them
+    and the .ckpt files earlier versions wrote; fp16 parameters round-trip bit-exactly."""
+    import mindspore as ms
+    from mindspore import Parameter
+
+    from wizardcoder_plugin.train import _checkpoint_file
+    from wizardcoder_plugin.weights import load_params, save_params
+
+    rng = np.random.default_rng(3)
+    params = [Parameter(ms.Tensor(rng.standard_normal((4, 6)).astype(np.float32)), name="a.w"),
+              Parameter(ms.Tensor(rng.standard_normal(5).astype(np.float16)), name="b.b")]
+    save_params(params, tmp_path / "model.safetensors")
+    ms.save_checkpoint(params, str(tmp_path / "model.ckpt"))
+    assert set(ms.load_checkpoint(str(tmp_path / "model.safetensors"), format="safetensors")) == {"a.w", "b.b"}
+    for name in ("model.safetensors", "model.ckpt"):
+        fresh = [Parameter(ms.Tensor(np.zeros((4, 6), np.float32)), name="a.w"),
+                 Parameter(ms.Tensor(np.zeros(5, np.float16)), name="b.b")]
+        load_params(fresh, tmp_path / name)
+        assert all(f.asnumpy().tobytes() == p.asnumpy().tobytes() for f, p in zip(fresh, params, strict=True))
+    assert _checkpoint_file(tmp_path, "model").name == "model.safetensors"
+    (tmp_path / "model.safetensors").unlink()
+    assert _checkpoint_file(tmp_path, "model").name == "model.ckpt"
+    with pytest.raises(InputError, match="needs"):
+        load_params([Parameter(ms.Tensor(np.zeros((3, 6), np.float32)), name="a.w")], tmp_path / "model.ckpt")
