@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 _UNIT = 2.0**-24  # fp32 unit roundoff
-_CHUNK = 4096  # rows per float64 block: bounds the host memory this takes
+_CHUNK = 256  # rows per float64 block: bounds the memory this takes and keeps each pass over a block in cache
 
 
 def greedy_tables(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
