@@ -69,10 +69,6 @@ class WizardCoderAdapter(BaseAdapter):
         config = self.config(spec.config)
         key = (str(spec.weights), str(spec.config), spec.precision, str(spec.tokenizer))
         if key not in self._generators:
-            if spec.precision == "fp32":  # the compiler runs while MindSpore starts (built once per machine)
-                from .kernels import prebuild
-
-                prebuild()
             tok = self.tokenizer(spec.tokenizer, spec.weights)
             if tok.vocab_size > config.vocab_size:  # type: ignore[attr-defined]
                 raise InputError(f"the tokenizer has {tok.vocab_size} tokens but the model only "  # type: ignore

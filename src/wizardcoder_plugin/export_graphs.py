@@ -19,7 +19,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .modeling import GPTBigCodeForCausalLM
+from .modeling import GPTBigCodeForCausalLM, causal_mask
 
 _NEG = -1e9  # additive mask bias: exp underflows to exactly 0 after the max subtraction
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -90,10 +90,8 @@ class _Layers(nn.Cell):
 
     def causal_bias(self, lengths: Tensor, s: int) -> Tensor:
         b = lengths.shape[0]
-        pos = ops.arange(0, s, dtype=ms.int32)
-        causal = pos.reshape(1, s, 1) >= pos.reshape(1, 1, s)
-        keep = pos.reshape(1, 1, s) < lengths.reshape(b, 1, 1)
-        return (1.0 - ops.logical_and(causal, keep).astype(ms.float32)) * _NEG
+        keep = ops.arange(0, s, dtype=ms.int32).reshape(1, 1, s) < lengths.reshape(b, 1, 1)
+        return (1.0 - ops.logical_and(causal_mask(s), keep).astype(ms.float32)) * _NEG
 
 
 class PrefillGraph(_Layers):

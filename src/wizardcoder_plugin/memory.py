@@ -175,9 +175,12 @@ def available() -> tuple[int, str]:
     if os.environ.get("ZOO_MEMORY_LIMIT"):
         return parse_size(os.environ["ZOO_MEMORY_LIMIT"]), "$ZOO_MEMORY_LIMIT"
     found = []
-    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
-        if line.startswith("MemAvailable:"):
-            found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        meminfo = ""
+    found += [(int(line.split()[1]) * 1024, "MemAvailable") for line in meminfo.splitlines()
+              if line.startswith("MemAvailable:")]
     room = _cgroup_room()
     if room is not None:
         found.append(room)

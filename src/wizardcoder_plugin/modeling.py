@@ -166,7 +166,7 @@ def causal_mask(s: int) -> Tensor:
     """[1, S, S] bool, True where a query may see a key, computed in the graph: a stored [n_positions]^2 constant
     would be copied into every compiled graph (64 MB each at 8192 positions, in memory and in the compile cache)."""
     pos = ops.arange(0, s, dtype=ms.int32)
-    return (pos.reshape(1, s, 1) >= pos.reshape(1, 1, s)).reshape(1, s, s)
+    return pos.reshape(1, s, 1) >= pos.reshape(1, 1, s)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_query: bool,

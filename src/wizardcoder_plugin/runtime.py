@@ -173,6 +173,10 @@ def find_weights(model: str, weights: Path | None, allow_random: bool = False) -
 def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, precision: str = "fp32",
                 seed: int = 0, allow_random: bool = False) -> object:
     """A GPTBigCodeForCausalLM with its weights loaded (or seeded random init for the tiny model)."""
+    if precision == "fp32":  # the native kernels' compiler runs while MindSpore starts (once per machine)
+        from .kernels import prebuild
+
+        prebuild()
     ms = init_mindspore()
     from .mindformers_compat import register_if_loaded
     from .modeling import GPTBigCodeForCausalLM
@@ -183,10 +187,6 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
         raise InputError("bf16 compute is not supported by MindSpore's CPU kernels",
                          "use --precision fp32 or fp16 on CPU (bf16 runs on Ascend)")
     ms.set_seed(seed)
-    if precision == "fp32" and ms.get_context("device_target") == "CPU":
-        from .kernels import prebuild
-
-        prebuild()
     source = find_weights(model, weights, allow_random)
     if source is None:
         print(f"note: no weights given for {model}: using a random init (seed {seed})", file=sys.stderr)

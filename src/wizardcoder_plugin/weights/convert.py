@@ -5,6 +5,7 @@ memory at a time, the output written under a temporary name and renamed into pla
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -60,13 +61,9 @@ def convert(source: str | Path, output: str | Path, config: GPTBigCodeConfig, to
         _write_hf_dir(out, items, config, shard_bytes, bar.update)
     bar.close()
     return ConvertResult(output=out, direction=f"-> {to}", tensors=len(items),
-                         parameters=sum(int(t.nbytes // _itemsize(t.dtype)) for _, t in items),
+                         parameters=sum(math.prod(t.shape) for _, t in items),
                          dtype="/".join(sorted({t.dtype for _, t in items})) or "none",
                          seconds=round(time.perf_counter() - start, 3))
-
-
-def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "F32" else 2
 
 
 def _write_hf_dir(out: Path, items: list, config: GPTBigCodeConfig, shard_bytes: int, done: object) -> None:
