@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 TIERS = ("static", "smoke", "device")
+# the component kind that provides each capability (what a plugin must contribute for its check to run)
+CAPABILITY_KIND = {"predict": "model", "train": "model", "finetune": "model", "bench": "model", "convert": "converter",
+                   "preprocess": "dataset", "export": "exporter", "eval": "task"}
 HEAVY_MODULES = ("mindspore", "mindformers", "torch", "transformers", "tensorflow", "jax")
 
 
@@ -34,30 +37,46 @@ class Context:
 
     @property
     def models(self) -> list[Any]:
-        return [e for e in self.registry.models() if e.plugin == self.plugin]
+        """The plugin's models, and other plugins' models its components serve."""
+        return [e for e in self.registry.models() if e.plugin == self.plugin
+                or any(rc.plugin == self.plugin for rc in self.handle(e).resolved())]
+
+    def mine(self, entry: Any, kind: str) -> list[Any]:
+        """The components of `kind` this plugin contributes to the model."""
+        return [rc for rc in self.handle(entry).candidates(kind) if rc.plugin == self.plugin]
+
+    def capable(self, capability: str) -> list[Any]:
+        """Models with `capability` to which the plugin contributes the component providing it."""
+        kind = CAPABILITY_KIND[capability]
+        return [e for e in self.models if capability in self.handle(e).capabilities and self.mine(e, kind)]
 
     def smallest(self, capability: str) -> Any:
-        entries = [e for e in self.models if capability in e.card.capabilities]
+        entries = self.capable(capability)
         if not entries:
-            raise CheckSkipped(f"no card of plugin {self.plugin!r} claims {capability!r}")
+            raise CheckSkipped(f"no model of plugin {self.plugin!r} has components providing {capability!r}")
         return min(entries, key=lambda e: e.card.params)
 
-    def adapter(self, entry: Any) -> Any:
-        from registry_spec.adapter import load_adapter
-
-        key = f"adapter:{entry.qualified_name}"
+    def handle(self, entry: Any) -> Any:
+        """The resolved model, kept for the run (its engines are reused across checks)."""
+        key = f"handle:{entry.qualified_name}"
         if key not in self.cache:
-            self.cache[key] = load_adapter(entry.card)
+            self.cache[key] = self.registry.handle(entry)
         return self.cache[key]
 
+    def run(self, command: str, entry: Any, spec: Any) -> Any:
+        from registry_spec import commands
+
+        return commands.run(command, self.handle(entry), spec)
+
     def fixture(self, entry: Any) -> dict[str, Path]:
-        """Tiny local assets from the adapter's optional `conformance_fixture(workdir)`."""
+        """Tiny local assets from the model component's optional `fixture(model, workdir)`."""
         key = f"fixture:{entry.qualified_name}"
         if key not in self.cache:
-            make = getattr(self.adapter(entry), "conformance_fixture", None)
+            h = self.handle(entry)
+            make = getattr(h.component("model"), "fixture", None) if h.candidates("model") else None
             if make is None:
-                raise CheckSkipped("the adapter has no conformance_fixture(workdir) to provide tiny local assets")
-            self.cache[key] = make(self.workdir / entry.card.name)
+                raise CheckSkipped("the model component has no fixture(model, workdir) to provide tiny local assets")
+            self.cache[key] = make(h, self.workdir / entry.card.name)
         return self.cache[key]
 
 

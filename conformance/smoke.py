@@ -1,4 +1,4 @@
-"""Smoke checks: a tiny model on CPU through the adapter's own methods and specs (minutes)."""
+"""Smoke checks: a tiny model on CPU through the host's generic commands over the plugin's components (minutes)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _predict(ctx: Context, entry, **extra) -> list:  # noqa: ANN001
     spec = PredictSpec(model=entry.card.name, weights=fx.get("weights"), config=fx.get("config"),
                        tokenizer=fx.get("tokenizer"), prompt=["def add(a, b):", "print("], max_new_tokens=6,
                        template="none", **extra)
-    return ctx.adapter(entry).predict(spec).completions
+    return ctx.run("predict", entry, spec).completions
 
 
 @check("smoke.predict_deterministic", "smoke", "predict")
@@ -37,10 +37,7 @@ def predict_deterministic(ctx: Context) -> None:
 def tokenizer_round_trip(ctx: Context) -> None:
     """decode(encode(x)) == x on varied text; EOS and PAD ids are distinct and inside the vocabulary."""
     entry = ctx.smallest("predict")
-    load = getattr(ctx.adapter(entry), "load_tokenizer", None)
-    if load is None:
-        raise CheckSkipped("the adapter has no load_tokenizer(path) hook")
-    tok = load(ctx.fixture(entry).get("tokenizer"))
+    tok = ctx.handle(entry).tokenizer(ctx.fixture(entry).get("tokenizer"))
     for text in ("def f(x):\n\treturn x * 42  # 注释 😀", "  spaces\n\n", "SELECT 1;"):
         ids = tok.encode(text)
         if tok.decode(ids) != text:
@@ -52,14 +49,30 @@ def tokenizer_round_trip(ctx: Context) -> None:
 
 @check("smoke.convert_round_trip", "smoke", "convert")
 def convert_round_trip(ctx: Context) -> None:
-    """Convert the fixture checkpoint to the native format and back with every tensor accounted for."""
+    """Each of the plugin's converters reads the fixture checkpoint with every parameter accounted for; a pair of
+    converters there and back keeps every tensor."""
     entry = ctx.smallest("convert")
     fx = ctx.fixture(entry)
-    adapter, out = ctx.adapter(entry), ctx.workdir / "convert"
-    native = adapter.convert(ConvertSpec(model=entry.card.name, input=fx["hf_checkpoint"], output=out / "m.safetensors",
-                                         config=fx.get("config")))
-    back = adapter.convert(ConvertSpec(model=entry.card.name, input=out / "m.safetensors", output=out / "hf", to="hf",
-                                       config=fx.get("config")))
+    out = ctx.workdir / "convert"
+    h = ctx.handle(entry)
+    for rc in ctx.mine(entry, "converter"):
+        there = ctx.run("convert", entry, ConvertSpec(
+            model=entry.card.name, input=fx["hf_checkpoint"], to=rc.info.target, config=fx.get("config"),
+            output=out / f"{rc.info.name}{getattr(h.load(rc), 'suffix', '')}"))
+        if there.parameters != entry.card.params:
+            raise CheckFailed(f"{entry.card.params} parameters (the card) from {rc.qualified_name}",
+                              str(there.parameters))
+    mine = {(c.info.source, c.info.target): c for c in ctx.mine(entry, "converter")}
+    pairs = [(a, b) for (a, b) in mine if (b, a) in mine]
+    if not pairs:
+        return
+    rc, back_rc = mine[pairs[0]], mine[pairs[0][::-1]]
+    first = out / f"trip{getattr(h.load(rc), 'suffix', '')}"
+    native = ctx.run("convert", entry, ConvertSpec(model=entry.card.name, input=fx["hf_checkpoint"], output=first,
+                                                   to=rc.info.target, config=fx.get("config")))
+    back = ctx.run("convert", entry, ConvertSpec(
+        model=entry.card.name, input=first, output=out / f"back{getattr(h.load(back_rc), 'suffix', '')}",
+        to=back_rc.info.target, config=fx.get("config")))
     if native.tensors != back.tensors or native.parameters != back.parameters:
         raise CheckFailed("equal tensor and parameter counts both ways", f"{native} vs {back}")
     if native.parameters != entry.card.params:
@@ -69,7 +82,7 @@ def convert_round_trip(ctx: Context) -> None:
 def _preprocessed(ctx: Context, entry) -> object:  # noqa: ANN001
     fx = ctx.fixture(entry)
     if "preprocessed" not in ctx.cache:
-        ctx.cache["preprocessed"] = ctx.adapter(entry).preprocess(PreprocessSpec(
+        ctx.cache["preprocessed"] = ctx.run("preprocess", entry, PreprocessSpec(
             model=entry.card.name, input=fx["instruction_data"], output=ctx.workdir / "data.mindrecord",
             tokenizer=fx.get("tokenizer"), seq_length=64, limit=16))
     return ctx.cache["preprocessed"]
@@ -89,7 +102,7 @@ def train(ctx: Context) -> None:
     entry = ctx.smallest("finetune")
     fx = ctx.fixture(entry)
     data = _preprocessed(ctx, entry)
-    res = ctx.adapter(entry).train(TrainSpec(
+    res = ctx.run("train", entry, TrainSpec(
         model=entry.card.name, data=data.output, weights=fx.get("weights"), config=fx.get("config"),  # type: ignore
         output_dir=ctx.workdir / "train", max_steps=2, batch_size=2, seq_length=64))
     if not math.isfinite(res.final_loss) or not res.checkpoint.exists():
@@ -98,20 +111,19 @@ def train(ctx: Context) -> None:
 
 @check("smoke.export", "smoke", "export")
 def export(ctx: Context) -> None:
-    """Each claimed export backend writes a manifest, and its predict equals online predict."""
+    """Each exporter registered for the model (by any plugin) writes a manifest, and its runner's tokens equal
+    online predict's."""
     entry = ctx.smallest("export")
     fx = ctx.fixture(entry)
-    backends = [x.backend for x in ctx.registry.exporters_for(entry)]
-    if not backends:
-        raise CheckFailed("registered exporters for a model claiming export", "none")
+    backends = [c.qualified_name for c in ctx.mine(entry, "exporter")]
     online = ctx.cache.get("online_tokens") or [c.token_ids for c in _predict(ctx, entry)]
     missing = []
     for backend in backends:
-        out = ctx.workdir / f"export-{backend}"
+        out = ctx.workdir / f"export-{backend.replace(':', '-')}"
         try:
-            res = ctx.adapter(entry).export(ExportSpec(model=entry.card.name, backend=backend,
-                                                       weights=fx.get("weights"), config=fx.get("config"),
-                                                       output_dir=out))
+            res = ctx.run("export", entry, ExportSpec(model=entry.card.name, backend=backend,
+                                                      weights=fx.get("weights"), config=fx.get("config"),
+                                                      output_dir=out))
         except BackendUnavailableError as exc:  # a runtime this machine lacks is not a plugin defect
             missing.append(f"{backend}: {exc}")
             continue
@@ -125,11 +137,18 @@ def export(ctx: Context) -> None:
 
 @check("smoke.eval", "smoke", "eval")
 def evaluate(ctx: Context) -> None:
-    """Evaluating one HumanEval problem with the fixture's weights returns a consistent summary."""
+    """Each task registered for the model, on one problem with the fixture's weights, returns a consistent
+    summary."""
     entry = ctx.smallest("eval")
     fx = ctx.fixture(entry)
-    res = ctx.adapter(entry).evaluate(EvalSpec(
-        model=entry.card.name, task="humaneval", weights=fx.get("weights"), config=fx.get("config"),
-        tokenizer=fx.get("tokenizer"), limit=1, max_length=320, output_dir=ctx.workdir / "eval"))
+    for task in ctx.mine(entry, "task"):
+        _evaluate_one(ctx, entry, fx, task.qualified_name)
+
+
+def _evaluate_one(ctx: Context, entry, fx: dict, task: str) -> None:  # noqa: ANN001
+    res = ctx.run("eval", entry, EvalSpec(
+        model=entry.card.name, task=task, weights=fx.get("weights"), config=fx.get("config"),
+        tokenizer=fx.get("tokenizer"), limit=1, max_length=320,
+        output_dir=ctx.workdir / f"eval-{task.replace(':', '-')}"))
     if res.n_problems != 1 or not 0 <= res.pass_at_1 <= 1 or res.passed not in (0, 1):
         raise CheckFailed("1 problem, 0 <= pass@1 <= 1", str(res))

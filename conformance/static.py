@@ -11,7 +11,6 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from registry_spec import __spec_version__
-from registry_spec.adapter import CAPABILITY_METHODS, implements, import_string
 from registry_spec.errors import ModelNotFoundError
 from registry_spec.specs import ModelCard
 
@@ -38,8 +37,9 @@ def entry_point_loads(ctx: Context) -> None:
     record = alone.plugins.get(ctx.plugin)
     if record is None or record.status != "loaded":
         raise CheckFailed("status 'loaded'", f"{record.status if record else 'absent'}: {record and record.error}")
-    if not record.models:
-        raise CheckFailed("at least one registered model", "none", "call register(card) in zoo_register_models")
+    if not record.models and not record.components:
+        raise CheckFailed("at least one registered model or component", "none",
+                          "call register(card) in zoo_register_models or register(info) in zoo_register_components")
 
 
 @check("static.hookimpls_validate", "static")
@@ -57,8 +57,8 @@ def hookimpls_validate(ctx: Context) -> None:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise CheckFailed("hook implementations valid against the zoo hookspecs", str(exc)) from None
-    if not pm.hook.zoo_register_models.get_hookimpls():
-        raise CheckFailed("a zoo_register_models implementation", "none")
+    if not pm.hook.zoo_register_models.get_hookimpls() and not pm.hook.zoo_register_components.get_hookimpls():
+        raise CheckFailed("a zoo_register_models or zoo_register_components implementation", "none")
 
 
 @check("static.requires_spec", "static")
@@ -79,7 +79,7 @@ def import_hygiene(ctx: Context) -> None:
         t = time.perf_counter()
         from registry_spec.registry import Registry
         r = Registry()
-        [e.card.model_dump() for e in r.models()]
+        [(e.card.model_dump(), r.handle(e).capabilities) for e in r.models()]
         print(json.dumps({{"heavy": [m for m in {HEAVY_MODULES!r} if m in sys.modules],
                           "seconds": time.perf_counter() - t, "status": r.plugins[{ctx.plugin!r}].status}}))
     """)
@@ -88,25 +88,63 @@ def import_hygiene(ctx: Context) -> None:
         raise CheckFailed("listing to succeed", out.stderr.strip()[-400:])
     info = json.loads(out.stdout.strip().splitlines()[-1])
     if info["heavy"]:
-        raise CheckFailed("no ML framework imported while registering", f"imported {info['heavy']}",
-                          "defer heavy imports to the adapter's methods")
+        raise CheckFailed("no ML framework imported while registering and listing", f"imported {info['heavy']}",
+                          "defer heavy imports into the components' methods")
     if info["seconds"] > 2.0:
         raise CheckFailed("registry load under 2 s", f"{info['seconds']:.2f} s")
 
 
-@check("static.cards_valid", "static")
-def cards_valid(ctx: Context) -> None:
-    """Every card validates and names an importable adapter implementing each claimed capability."""
-    if not ctx.models:
-        raise CheckFailed("at least one model card", "none")
+@check("static.components_valid", "static")
+def components_valid(ctx: Context) -> None:
+    """Every card validates; every component the plugin registers imports lazily (no ML framework pulled in by
+    the import) and has its protocol's methods."""
     for entry in ctx.models:
         ModelCard.model_validate(entry.card.model_dump())
-        cls = import_string(entry.card.adapter)
-        missing = [c for c in entry.card.capabilities if not implements(cls, c)]  # type: ignore[arg-type]
-        if missing:
-            raise CheckFailed(f"{entry.card.adapter} to implement {missing}",
-                              f"methods {[CAPABILITY_METHODS[c] for c in missing]} not overridden",
-                              "claim only the capabilities that work")
+    mine = [rc for rc in ctx.registry.components if rc.plugin == ctx.plugin]
+    impls = sorted({(rc.info.kind, rc.info.impl) for rc in mine})
+    code = textwrap.dedent(f"""
+        import json, sys
+        from registry_spec.components import instantiate, missing_methods
+        out = []
+        for kind, impl in {impls!r}:
+            before = set(sys.modules)
+            try:
+                obj = instantiate(impl)
+            except Exception as exc:
+                out.append([kind, impl, "import", f"{{type(exc).__name__}}: {{exc}}"])
+                continue
+            heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules and m not in before]
+            if heavy:
+                out.append([kind, impl, "heavy", ", ".join(heavy)])
+            if missing_methods(kind, obj):
+                out.append([kind, impl, "protocol", ", ".join(missing_methods(kind, obj))])
+        print(json.dumps(out))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if r.returncode:
+        raise CheckFailed("the component check to run", r.stderr.strip()[-400:])
+    problems = json.loads(r.stdout.strip().splitlines()[-1])
+    hints = {"import": "fix the import string", "heavy": "import the framework inside the methods",
+             "protocol": "implement the methods of registry_spec.components' protocol for the kind"}
+    if problems:
+        kind, impl, what, detail = problems[0]
+        raise CheckFailed(f"{kind} {impl} to import lazily and implement its protocol", f"{what}: {detail}",
+                          hints[what])
+
+
+@check("static.show_lists_components", "static")
+def show_lists_components(ctx: Context) -> None:
+    """`zoo show MODEL --json` lists the plugin's components for a model they serve, with kind, name, plugin, impl."""
+    if not ctx.models:
+        raise CheckFailed("a model the plugin's components serve", "none")
+    entry = ctx.models[0]
+    r = run_zoo("show", entry.qualified_name, "--json")
+    if r.returncode:
+        raise CheckFailed("`zoo show` to succeed", r.stderr[-300:])
+    listed = json.loads(r.stdout).get("components", [])
+    ours = [c for c in listed if c.get("plugin") == ctx.plugin]
+    if not ours or not all({"kind", "name", "plugin", "impl"} <= set(c) for c in ours):
+        raise CheckFailed("the plugin's components with kind, name, plugin and impl", str(listed)[:300])
 
 
 @check("static.unknown_model_error", "static")
@@ -128,7 +166,9 @@ def unknown_model_error(ctx: Context) -> None:
 @check("static.bad_spec_error", "static")
 def bad_spec_error(ctx: Context) -> None:
     """A bad spec field is named in the error and exits 2 (checked on predict, or convert)."""
-    entry = ctx.models[0]
+    entry = ctx.models[0] if ctx.models else None
+    if entry is None:
+        raise CheckFailed("a model the plugin serves", "none")
     r = run_zoo("predict", entry.qualified_name, "--prompt", "x", "--max-new-tokens", "0")
     if r.returncode != 2 or "max_new_tokens" not in r.stderr or "Traceback" in r.stderr:
         raise CheckFailed("exit 2 naming 'max_new_tokens'", f"exit {r.returncode}: {r.stderr[-300:]}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import types
 import typing
@@ -13,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __spec_version__
-from .errors import CapabilityNotSupportedError, InputError, SpecValidationError, ZooError
+from .errors import InputError, SpecValidationError, ZooError
 
 GENERIC = ("convert", "preprocess", "train", "predict", "export", "eval", "bench")
 HELP = {
-    "convert": "convert weights between HF and MindSpore formats",
-    "preprocess": "tokenize a dataset into MindRecord",
+    "convert": "convert weights between the formats the model's converters name",
+    "preprocess": "tokenize a dataset for training",
     "train": "pretrain or finetune a model",
     "predict": "generate text from prompts",
     "export": "export graphs for offline inference",
-    "eval": "evaluate on MBPP / HumanEval",
+    "eval": "evaluate on a task registered for the model",
     "bench": "measure throughput",
 }
 
@@ -125,11 +124,16 @@ def _out(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _card_dict(entry: Any, registry: Any) -> dict[str, Any]:
+def _card_dict(entry: Any, registry: Any, components: bool = False) -> dict[str, Any]:
+    """The card plus what the host resolved: plugin, capabilities (from the components), and on request the
+    components themselves."""
+    handle = registry.handle(entry)
     d = entry.card.model_dump(mode="json")
     d["plugin"] = entry.plugin
     d["qualified_name"] = entry.qualified_name
-    d["exporters"] = [x.backend for x in registry.exporters_for(entry)]
+    d["capabilities"] = handle.capabilities
+    if components:
+        d["components"] = [rc.as_dict() for rc in handle.resolved()]
     return d
 
 
@@ -155,12 +159,16 @@ def cmd_models(args: argparse.Namespace, registry: Any) -> int:
 
 
 def cmd_show(args: argparse.Namespace, registry: Any) -> int:
-    d = _card_dict(registry.resolve(args.model), registry)
+    d = _card_dict(registry.resolve(args.model), registry, components=True)
     if args.json:
         _out(d)
-    else:
-        for k, v in d.items():
+        return 0
+    for k, v in d.items():
+        if k != "components":
             print(f"{k:16} {v}")
+    for c in d["components"]:
+        formats = f" ({c['source']} -> {c['target']})" if "source" in c else ""
+        print(f"{c['kind']:16} {c['name']}{formats}  [{c['plugin']}] {c['impl']}")
     return 0
 
 
@@ -171,6 +179,8 @@ def cmd_plugins(args: argparse.Namespace, registry: Any) -> int:
         return 0
     for r in rows:
         line = f"{r['name']:16} {r['version'] or '-':10} {r['status']:9} models: {', '.join(r['models']) or '-'}"
+        kinds = sorted({c["kind"] for c in r["components"]})
+        line += f"\n  components: {len(r['components'])} ({', '.join(kinds)})" if r["components"] else ""
         print(line + (f"\n  error: {r['error']}" if r["error"] else ""))
     return 0
 
@@ -188,19 +198,14 @@ def cmd_spec(args: argparse.Namespace, registry: Any) -> int:
 
 
 def cmd_generic(args: argparse.Namespace, registry: Any) -> int:
-    from .adapter import CAPABILITY_METHODS, load_adapter
-    from .specs import COMMANDS, required_capability
+    from . import commands
+    from .specs import COMMANDS
 
-    spec_cls, _result_cls, _method = COMMANDS[args.command]
+    spec_cls, _result_cls = COMMANDS[args.command]
     spec = build_spec(spec_cls, args)
-    entry = registry.resolve(spec.model)
-    spec = spec.model_copy(update={"model": entry.card.name})
-    capability = required_capability(args.command, spec)
-    if capability not in entry.card.capabilities:
-        raise CapabilityNotSupportedError(entry.card.name, capability, entry.card.capabilities)
-    adapter = load_adapter(entry.card)
+    handle = registry.handle(spec.model)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = getattr(adapter, CAPABILITY_METHODS[capability])(spec)
+        result = commands.run(args.command, handle, spec)
     payload = result.model_dump(mode="json", by_alias=True)
     if args.json:
         if args.command == "predict" and "completions" in payload:
@@ -281,7 +286,6 @@ COMMAND_FUNCS = {"models": cmd_models, "show": cmd_show, "plugins": cmd_plugins,
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings, should a plugin import it
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -95,3 +95,20 @@ class PluginLoadError(ZooError):
 
 class InputError(ZooError):
     """Bad user input that is not a spec field: malformed data files, prompts too long, bad weights."""
+
+
+class ComponentNotFoundError(ZooError):
+    def __init__(self, kind: str, name: str | None, model: str, known: Sequence[str]) -> None:
+        what = f"{kind} {name!r}" if name else f"any {kind}"
+        hint = f"one of: {', '.join(known)}" if known else \
+            f"install a plugin that registers a {kind} for this model (see `zoo plugins`)"
+        super().__init__(f"no {what} is registered for model {model!r}", hint)
+        self.known = list(known)
+
+
+class AmbiguousComponentError(ZooError):
+    def __init__(self, kind: str, name: str | None, model: str, qualified: Sequence[str]) -> None:
+        what = f"{kind} {name!r}" if name else f"{kind} (none named, none the default)"
+        super().__init__(f"several plugins register a {what} for model {model!r}",
+                         "name one of: " + ", ".join(qualified))
+        self.qualified = list(qualified)

@@ -1,4 +1,5 @@
-"""pluggy hook specifications of the `zoo` project. Hooks announce light metadata only."""
+"""pluggy hook specifications of the `zoo` project. Hooks announce light metadata only; everything heavy is named
+by import strings and loaded when a command uses it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable
 
 import pluggy
 
-from .specs import ExporterInfo, ModelCard, PluginManifest
+from .specs import ComponentInfo, ModelCard, PluginManifest
 
 PROJECT = "zoo"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -20,9 +21,10 @@ def zoo_plugin_manifest() -> PluginManifest:  # type: ignore[empty-body]
 
 @hookspec
 def zoo_register_models(register: Callable[[ModelCard], None]) -> None:
-    """Call `register(card)` once per model. Cards name their adapter by import string; import nothing heavy."""
+    """Call `register(card)` once per model."""
 
 
 @hookspec
-def zoo_register_exporters(register: Callable[[ExporterInfo], None]) -> None:
-    """Call `register(info)` once per export backend the plugin offers."""
+def zoo_register_components(register: Callable[[ComponentInfo], None]) -> None:
+    """Call `register(info)` once per component (config, tokenizer, model, converter, exporter, task, dataset), for
+    a model family or named models: a plugin may serve another plugin's models. Import nothing heavy."""

@@ -1,4 +1,5 @@
-"""Plugin discovery (entry-point group `zoo.plugins`), isolated loading, and model-name resolution."""
+"""Plugin discovery (entry-point group `zoo.plugins`), isolated loading, model-name resolution, and the table of
+registered components."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from packaging.version import Version
 
 from . import __spec_version__, hookspecs
 from .errors import AmbiguousModelError, ModelNotFoundError, NameCollisionError, PluginLoadError
-from .specs import ExporterInfo, ModelCard, PluginManifest
+from .handle import ModelHandle, RegisteredComponent
+from .specs import ComponentInfo, ModelCard, PluginManifest
 
 ENTRY_POINT_GROUP = "zoo.plugins"
 
@@ -28,11 +30,12 @@ class PluginRecord:
     error: str = ""
     hooks: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
+    components: list[dict] = field(default_factory=list)
     requires_spec: str = ""
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("name", "value", "version", "status", "error", "hooks", "models",
-                                               "requires_spec")}
+                                               "components", "requires_spec")}
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class Registry:
         self.plugins: dict[str, PluginRecord] = {}
         self._by_name: dict[str, list[RegisteredModel]] = {}
         self._aliases: dict[str, list[RegisteredModel]] = {}
-        self.exporters: dict[str, list[ExporterInfo]] = {}
+        self.components: list[RegisteredComponent] = []
         for ep in (entry_points(group=ENTRY_POINT_GROUP) if eps is None else eps):
             self._load(ep)
 
@@ -112,14 +115,25 @@ class Registry:
             if not admitted:
                 raise ValueError(f"requires registry_spec {manifest.requires_spec}, host is {__spec_version__}")
         cards: list[ModelCard] = []
-        exporters: list[ExporterInfo] = []
+        infos: list[ComponentInfo] = []
         if (impl := self._impl("zoo_register_models", module)) is not None:
             impl.function(register=lambda card: cards.append(ModelCard.model_validate(card)))
-        if (impl := self._impl("zoo_register_exporters", module)) is not None:
-            impl.function(register=lambda info: exporters.append(ExporterInfo.model_validate(info)))
+        if (impl := self._impl("zoo_register_components", module)) is not None:
+            impl.function(register=lambda info: infos.append(ComponentInfo.model_validate(info)))
         for card in cards:
             self._add(RegisteredModel(record.name, card), record)
-        self.exporters[record.name] = exporters
+        for info in infos:
+            self._add_component(RegisteredComponent(record.name, info), record)
+
+    def _add_component(self, rc: RegisteredComponent, record: PluginRecord) -> None:
+        mine = [c for c in self.components if c.plugin == rc.plugin and (c.info.kind, c.info.name, c.info.family,
+                tuple(c.info.models)) == (rc.info.kind, rc.info.name, rc.info.family, tuple(rc.info.models))]
+        if mine:
+            if mine[0].info == rc.info:
+                return  # identical re-registration is a no-op
+            raise ValueError(f"{rc.info.kind} {rc.info.name!r} registered twice with different details")
+        self.components.append(rc)
+        record.components.append(rc.as_dict())
 
     def _add(self, entry: RegisteredModel, record: PluginRecord) -> None:
         same_plugin = [e for e in self._by_name.get(entry.card.name, []) if e.plugin == entry.plugin]
@@ -144,9 +158,9 @@ class Registry:
                 table[key] = [e for e in table[key] if e.plugin != plugin]
                 if not table[key]:
                     del table[key]
-        self.exporters.pop(plugin, None)
+        self.components = [c for c in self.components if c.plugin != plugin]
         if plugin in self.plugins:
-            self.plugins[plugin].models = []
+            self.plugins[plugin].models, self.plugins[plugin].components = [], []
 
     # -------------------------------------------------------------------------------------------- resolution
     def models(self) -> list[RegisteredModel]:
@@ -170,6 +184,8 @@ class Registry:
         known = list(self._by_name) + list(self._aliases) + [e.qualified_name for e in self.models()]
         raise ModelNotFoundError(name, known)
 
-    def exporters_for(self, entry: RegisteredModel) -> list[ExporterInfo]:
-        return [x for x in self.exporters.get(entry.plugin, []) if not x.models or entry.card.name in x.models]
+    def handle(self, entry: RegisteredModel | str) -> ModelHandle:
+        """The resolved model (a name, alias or 'plugin:name') with the components that serve it."""
+        entry = self.resolve(entry) if isinstance(entry, str) else entry
+        return ModelHandle(entry.card, entry.plugin, self)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 Capability = Literal["convert", "preprocess", "train", "finetune", "predict", "export", "eval", "bench"]
 CAPABILITIES: tuple[str, ...] = ("convert", "preprocess", "train", "finetune", "predict", "export", "eval", "bench")
@@ -21,16 +21,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class ExporterInfo(_Strict):
-    """An export backend a plugin offers; `runner` is an import string loaded only when used."""
+Kind = Literal["config", "tokenizer", "model", "converter", "exporter", "task", "dataset"]
+KINDS: tuple[str, ...] = ("config", "tokenizer", "model", "converter", "exporter", "task", "dataset")
 
-    backend: str
-    models: list[str] = Field(default_factory=list, description="model names; empty = every model of the plugin")
+
+class ComponentInfo(_Strict):
+    """One registered component. `family` or `models` say whose models it serves (neither: every model)."""
+
+    kind: Kind
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="the name commands select it by "
+                      "(an exporter's backend, a task, a dataset format, a converter)")
+    impl: str = Field(pattern=r"^[\w.]+:[\w.]+$", description="import string 'package.module:object'")
+    family: str = Field("", description="model family served, e.g. 'gpt_bigcode'")
+    models: list[str] = Field(default_factory=list, description="model names served (instead of a family)")
+    source: str = Field("", description="converter: the format it reads")
+    target: str = Field("", description="converter: the format it writes")
+    default: bool = Field(False, description="chosen when a command names no component of this kind")
     description: str = ""
-    requires: str = Field("", description="how to install the runtime, shown when it is missing")
+    requires: str = Field("", description="how to install what it needs, shown when that is missing")
+
+    @model_validator(mode="after")
+    def _converter_formats(self) -> ComponentInfo:
+        if self.kind == "converter" and not (self.source and self.target):
+            raise ValueError("a converter names its source and target formats")
+        return self
+
+    def serves(self, name: str, family: str) -> bool:
+        if self.models:
+            return name in self.models
+        return not self.family or self.family == family
 
 
 class ModelCard(_Strict):
+    """A model's name and facts. What it can do comes from the components registered for it."""
+
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     aliases: list[str] = Field(default_factory=list)
     family: str
@@ -40,16 +64,13 @@ class ModelCard(_Strict):
     memory: dict[str, Any] = Field(default_factory=dict, description="bytes per dtype, per parameter and per token "
                                    "(weights, KV cache, activations), for sizing a run before it starts")
     context_length: PositiveInt
-    capabilities: list[Capability] = Field(default_factory=list)
-    adapter: str = Field(pattern=r"^[\w.]+:[\w.]+$", description="import string 'package.module:Class'")
     license: str = ""
-    requires_spec: str = Field(">=1.0,<2", description="PEP 440 range of registry_spec versions")
 
 
 class PluginManifest(_Strict):
     name: str
     version: str
-    requires_spec: str = ">=1.0,<2"
+    requires_spec: str = Field(">=2.0,<3", description="PEP 440 range of registry_spec versions")
     description: str = ""
 
 
@@ -59,14 +80,15 @@ class _ModelSpec(_Strict):
 
 
 class _WeightsSpec(_ModelSpec):
-    weights: Path | None = Field(None, description="MindSpore .ckpt or HF checkpoint directory")
-    config: Path | None = Field(None, description="HF config.json or mindformers YAML overriding the card")
+    weights: Path | None = Field(None, description="a checkpoint file or folder the model component reads")
+    config: Path | None = Field(None, description="a config file the config component reads, overriding the card")
 
 
 class ConvertSpec(_ModelSpec):
     input: Path
     output: Path
-    to: Literal["ms", "hf"] = "ms"
+    to: str | None = Field(None, description="target format, as the model's converters name it (`zoo show "
+                           "MODEL`); default: the default converter that reads the input")
     dtype: Literal["keep", "fp32", "fp16", "bf16"] = "keep"
     config: Path | None = None
     max_shard_size: str = Field("5GB", description="split a checkpoint folder's safetensors past this size "
@@ -90,6 +112,8 @@ class PreprocessSpec(_ModelSpec):
     limit: PositiveInt | None = None
     strict: bool = False
     format: Literal["auto", "instruction", "text"] = "auto"
+    dataset: str | None = Field(None, description="output format, a dataset component of the model; default: "
+                                "the model's default")
 
 
 class PreprocessResult(_Strict):
@@ -111,7 +135,7 @@ class ParallelSpec(_Strict):
 
 
 class TrainSpec(_WeightsSpec):
-    data: Path | None = Field(None, description="MindRecord from `zoo preprocess` (or the run YAML's dataset_dir)")
+    data: Path | None = Field(None, description="the output of `zoo preprocess` (or the config file's dataset)")
     mode: Literal["pretrain", "finetune"] = "finetune"
     output_dir: Path
     max_steps: PositiveInt | None = None
@@ -179,7 +203,8 @@ class PredictResult(_Strict):
 
 
 class ExportSpec(_WeightsSpec):
-    backend: str = "mindir"
+    backend: str | None = Field(None, description="an exporter of the model (`zoo show MODEL`); default: the "
+                                "model's default")
     output_dir: Path
     tokenizer: Path | None = None
     batch_size: PositiveInt = 1
@@ -197,7 +222,8 @@ class ExportResult(_Strict):
 
 
 class EvalSpec(_ModelSpec):
-    task: Literal["mbpp", "humaneval"] = "mbpp"
+    task: str | None = Field(None, description="an evaluation task of the model (`zoo show MODEL`); default: "
+                             "the model's default")
     weights: Path | None = None
     config: Path | None = None
     tokenizer: Path | None = None
@@ -250,22 +276,15 @@ class BenchResult(_Strict):
     rows: list[BenchRow]
 
 
-# command name -> (spec, result, adapter method, capability that must be on the card)
-COMMANDS: dict[str, tuple[type[BaseModel], type[BaseModel], str]] = {
-    "convert": (ConvertSpec, ConvertResult, "convert"),
-    "preprocess": (PreprocessSpec, PreprocessResult, "preprocess"),
-    "train": (TrainSpec, TrainResult, "train"),
-    "predict": (PredictSpec, PredictResult, "predict"),
-    "export": (ExportSpec, ExportResult, "export"),
-    "eval": (EvalSpec, EvalResult, "eval"),
-    "bench": (BenchSpec, BenchResult, "bench"),
-}
-
-SCHEMA_MODELS: dict[str, type[BaseModel]] = {
-    "ModelCard": ModelCard,
-    "PluginManifest": PluginManifest,
-    "ExporterInfo": ExporterInfo,
-    **{cls.__name__: cls for spec, res, _ in COMMANDS.values() for cls in (spec, res)},
+# command name -> (spec, result)
+COMMANDS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+    "convert": (ConvertSpec, ConvertResult),
+    "preprocess": (PreprocessSpec, PreprocessResult),
+    "train": (TrainSpec, TrainResult),
+    "predict": (PredictSpec, PredictResult),
+    "export": (ExportSpec, ExportResult),
+    "eval": (EvalSpec, EvalResult),
+    "bench": (BenchSpec, BenchResult),
 }
 
 
@@ -274,3 +293,11 @@ def required_capability(command: str, spec: BaseModel) -> str:
     if command == "train":
         return str(getattr(spec, "mode", "train")).replace("pretrain", "train")
     return command
+
+
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "ModelCard": ModelCard,
+    "PluginManifest": PluginManifest,
+    "ComponentInfo": ComponentInfo,
+    **{cls.__name__: cls for spec, res in COMMANDS.values() for cls in (spec, res)},
+}

@@ -30,17 +30,26 @@ def test_wizardcoder_passes(tier):
             assert checks[f"smoke.{check_id}"]["status"] == "passed", checks[f"smoke.{check_id}"]
 
 
+LIAR_COMPONENT = """
+
+class Nothing:
+    pass
+
+@hookimpl
+def zoo_register_components(register):
+    from registry_spec.specs import ComponentInfo
+    register(ComponentInfo(kind="model", name="nothing", impl="liar_zoo:Nothing", models=["liar-model"]))
+"""
 BROKEN = {
     # registration imports an ML framework
-    "heavy": GOOD.format(name="heavy", req=">=1.0,<2", model="heavy-model").replace(
+    "heavy": GOOD.format(name="heavy", req=">=2.0,<3", model="heavy-model").replace(
         "from registry_spec import hookimpl", "import torch  # noqa\nfrom registry_spec import hookimpl"),
-    # claims predict but its adapter implements nothing
-    "liar": GOOD.format(name="liar", req=">=1.0,<2", model="liar-model").replace(
-        "capabilities=[]", "capabilities=['predict']"),
+    # registers a model component whose object implements nothing of the protocol
+    "liar": GOOD.format(name="liar", req=">=2.0,<3", model="liar-model") + LIAR_COMPONENT,
     # written for another major version of the spec
-    "future": GOOD.format(name="future", req=">=2.0", model="future-model"),
+    "future": GOOD.format(name="future", req=">=3.0", model="future-model"),
 }
-EXPECTED_FAILURE = {"heavy": "static.import_hygiene", "liar": "static.cards_valid",
+EXPECTED_FAILURE = {"heavy": "static.import_hygiene", "liar": "static.components_valid",
                     "future": "static.entry_point_loads"}
 
 
@@ -68,14 +77,14 @@ def test_expected_failures_are_reported_as_skipped(tmp_path):
 def test_pytest_plugin_reports_checks(pytester, tmp_path, monkeypatch):
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = pytester.runpytest_subprocess("-p", "conformance.pytest_plugin", "--zoo-plugin", "wizardcoder")
-    result.assert_outcomes(passed=1 + 8)
+    result.assert_outcomes(passed=1 + 9)
     site = fake_plugin(tmp_path / "site", "liar", BROKEN["liar"])
     monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = pytester.runpytest_subprocess("-p", "conformance.pytest_plugin", "--zoo-plugin", "liar")
     assert result.parseoutcomes().get("failed") == 1
-    result.stdout.fnmatch_lines(["*conformance*static.cards_valid*"])
+    result.stdout.fnmatch_lines(["*conformance*static.components_valid*"])
     result = pytester.runpytest_subprocess("-p", "conformance.pytest_plugin", "--zoo-plugin", "liar",
-                                           "--zoo-xfail", "static.cards_valid=known: no predict yet")
+                                           "--zoo-xfail", "static.components_valid=known: no predict yet")
     outcomes = result.parseoutcomes()
     assert "failed" not in outcomes and outcomes.get("skipped") == 1
     plain = pytester.runpytest_subprocess()  # without the option the plugin adds nothing

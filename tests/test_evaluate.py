@@ -155,12 +155,10 @@ def test_sampling_reports_pass_at_k(tmp_path):
 
 
 def _tiny_generator():
-    from registry_spec.specs import ModelCard, PredictSpec
-    from wizardcoder_plugin.adapter import WizardCoderAdapter
-    from wizardcoder_plugin.plugin import cards
+    from registry_spec.registry import Registry
+    from registry_spec.specs import PredictSpec
 
-    card: ModelCard = next(c for c in cards() if c.name == "wizardcoder-tiny")
-    return WizardCoderAdapter(card).generator(PredictSpec(model=card.name, batch_size=2))
+    return Registry().handle("wizardcoder-tiny").generator(PredictSpec(model="wizardcoder-tiny", batch_size=2))
 
 
 def test_bad_eval_inputs(tmp_path):

@@ -13,11 +13,12 @@ import pytest
 from conftest import BUNDLED_TOKENIZER, zoo
 
 from registry_spec.errors import BackendUnavailableError, InputError
+from registry_spec.generation import GenerationConfig, generate
 from registry_spec.specs import ExportSpec
 from wizardcoder_plugin.config import load_config
 from wizardcoder_plugin.export import run_export, sha256
-from wizardcoder_plugin.exported import ExportedGenerator
-from wizardcoder_plugin.generate import GenerationConfig, Generator
+from wizardcoder_plugin.exported import ExportedEngine
+from wizardcoder_plugin.generate import Generator
 from wizardcoder_plugin.runtime import build_model
 from wizardcoder_plugin.tokenizer import WizardCoderTokenizer
 
@@ -60,8 +61,9 @@ def export(tmp_path, tiny, hf_tiny, backend, batch, mode="incremental") -> Path:
     return out
 
 
-def greedy(gen, prompts, n=12):
-    return [o.token_ids for o in gen.generate(prompts, GenerationConfig(max_new_tokens=n))]
+def greedy(engine, prompts, n=12):
+    """The host's one loop over any engine, online or exported."""
+    return [o.token_ids for o in generate(engine, prompts, GenerationConfig(max_new_tokens=n), 10**6, PAD)]
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -69,10 +71,10 @@ def test_backend_tokens_equal_online(tmp_path, tiny, hf_tiny, backend):
     _, _, online = tiny
     want = greedy(online, PROMPTS)
     padded = export(tmp_path, tiny, hf_tiny, backend, batch=2)
-    gen = ExportedGenerator(padded, backend, eos_token_id=10**6, pad_token_id=PAD)
+    gen = ExportedEngine(padded, backend)
     assert greedy(gen, PROMPTS) == want  # a right-padded batch of 2
     single = export(tmp_path, tiny, hf_tiny, backend, batch=1)
-    gen1 = ExportedGenerator(single, backend, eos_token_id=10**6, pad_token_id=PAD)
+    gen1 = ExportedEngine(single, backend)
     assert greedy(gen1, PROMPTS[:1]) == want[:1]
     manifest = json.loads((padded / "manifest.json").read_text())
     assert manifest["backend"] == backend and manifest["mode"] == "incremental"
@@ -92,24 +94,24 @@ def test_autoregressive_mode(tmp_path, tiny, hf_tiny, backend):
     _, _, online = tiny
     out = export(tmp_path, tiny, hf_tiny, backend, batch=2, mode="autoregressive")
     assert set(json.loads((out / "manifest.json").read_text())["graphs"]) == {"full"}
-    gen = ExportedGenerator(out, backend, eos_token_id=10**6, pad_token_id=PAD)
+    gen = ExportedEngine(out, backend)
     assert greedy(gen, PROMPTS, 8) == greedy(online, PROMPTS, 8)
 
 
 def test_tampered_or_mismatched_artifacts_are_refused(tmp_path, tiny, hf_tiny):
     out = export(tmp_path, tiny, hf_tiny, "onnx", batch=1)
     with pytest.raises(InputError, match="holds a 'onnx' export, not 'mindir'"):
-        ExportedGenerator(out, "mindir", 0, PAD)
+        ExportedEngine(out, "mindir")
     with (out / "decode.onnx").open("r+b") as f:
         f.seek(200)
         byte = f.read(1)
         f.seek(200)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(InputError, match="decode.onnx does not match its sha256"):
-        ExportedGenerator(out, "onnx", 0, PAD)
+        ExportedEngine(out, "onnx")
     (out / "decode.onnx").unlink()
     with pytest.raises(InputError, match="missing"):
-        ExportedGenerator(out, "onnx", 0, PAD)
+        ExportedEngine(out, "onnx")
 
 
 def test_missing_lite_runtime_names_the_install_step(tmp_path, tiny, hf_tiny, monkeypatch):
@@ -155,7 +157,7 @@ def test_fp16_export_matches_fp16_online(tmp_path, hf_tiny):
     for i, p in enumerate(PROMPTS):
         ids[i, : len(p)] = p
     lengths = np.array([len(p) for p in PROMPTS], np.int32)
-    exported, _ = ExportedGenerator(out, "onnx", 0, PAD).runtime.graphs["prefill"](ids, lengths)
+    exported, _ = ExportedEngine(out, "onnx").runtime.graphs["prefill"](ids, lengths)
     online = PrefillCell(net, KVCache(config, 2, 64, ms.float16, "fp16test"))(ms.Tensor(ids[:, :16]),
                                                                               ms.Tensor(lengths)).asnumpy()
     assert np.abs(exported - online).max() < 2e-2

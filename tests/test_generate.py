@@ -9,8 +9,9 @@ import pytest
 from conftest import BUNDLED_TOKENIZER, zoo
 
 from registry_spec.errors import InputError
+from registry_spec.generation import GenerationConfig, select_tokens
 from wizardcoder_plugin.config import load_config
-from wizardcoder_plugin.generate import GenerationConfig, Generator, select_tokens
+from wizardcoder_plugin.generate import Generator
 from wizardcoder_plugin.runtime import build_model
 
 PAD = 49152

@@ -131,8 +131,9 @@ def test_a_forked_child_can_still_run_the_kernel():
 
 
 def test_disabled_kernels_fall_back_or_fail_clearly(hf_tiny, monkeypatch):
+    from registry_spec.generation import GenerationConfig
     from wizardcoder_plugin.config import load_config
-    from wizardcoder_plugin.generate import GenerationConfig, Generator
+    from wizardcoder_plugin.generate import Generator
     from wizardcoder_plugin.runtime import build_model
 
     net = build_model("custom", load_config(hf_tiny / "config.json"), hf_tiny)

@@ -36,8 +36,7 @@ def zoo_plugin_manifest():
 
 @hookimpl
 def zoo_register_models(register):
-    card = ModelCard(name="{model}", family="toy", params=1, context_length=8, capabilities=[],
-                     adapter="registry_spec.adapter:BaseAdapter")
+    card = ModelCard(name="{model}", family="toy", params=1, context_length=8)
     register(card)
     register(card)  # identical re-registration is a no-op
 """
@@ -97,14 +96,14 @@ def test_spec_file_and_flags_win(tmp_path):
 
 
 def test_unclaimed_capability_is_refused(tmp_path):
-    site = fake_plugin(tmp_path / "site", "toy", GOOD.format(name="toy", req=">=1.0,<2", model="toy-model"))
+    site = fake_plugin(tmp_path / "site", "toy", GOOD.format(name="toy", req=">=2.0,<3", model="toy-model"))
     r = run(site, "bench", "toy-model")  # its card claims no capability
     assert r.returncode == 2 and "does not support 'bench'" in r.stderr
 
 
 def test_discovery_collision_and_qualified_names(tmp_path):
     site = tmp_path / "site"
-    fake_plugin(site, "alpha", GOOD.format(name="alpha", req=">=1.0,<2", model="wizardcoder-tiny"))
+    fake_plugin(site, "alpha", GOOD.format(name="alpha", req=">=2.0,<3", model="wizardcoder-tiny"))
     r = run(site, "models", "--json")
     assert r.returncode == 0, r.stderr
     origins = sorted(c["plugin"] for c in json.loads(r.stdout) if c["name"] == "wizardcoder-tiny")

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from registry_spec.atomic import write_json, write_text
 from registry_spec.errors import BackendUnavailableError, InputError
 from registry_spec.specs import BenchResult, BenchRow, BenchSpec, ExportSpec
-
-from .atomic import write_json, write_text
 
 NO_EOS = -1
 
@@ -44,11 +43,12 @@ class _Ours:
         self.gen, self.tok = gen, tok
 
     def run(self, prompts: list[list[int]], new: int) -> dict:
-        from .generate import GenerationConfig
+        from registry_spec.generation import GenerationConfig, generate
 
         self.gen.max_batch = len(prompts)  # type: ignore[attr-defined]
         t0 = time.perf_counter()
-        outs = self.gen.generate(prompts, GenerationConfig(max_new_tokens=new))  # type: ignore[attr-defined]
+        outs = generate(self.gen, prompts, GenerationConfig(max_new_tokens=new), NO_EOS,  # type: ignore[arg-type]
+                        self.tok.pad_token_id)  # type: ignore[attr-defined]
         total = time.perf_counter() - t0
         picked = self.gen.decode_kernels(len(prompts))  # type: ignore[attr-defined]
         return {"total_s": total, "prefill_ms": outs[0].prefill_ms, "decode_tokens_per_s": outs[0].decode_tokens_per_s,
@@ -223,7 +223,7 @@ def plot(rows: list[BenchRow], path: Path) -> bool:
     return True
 
 
-def run_bench(spec: BenchSpec, model_name: str, config: object, net: object, tok: object, source: Path | None,
+def run_bench(spec: BenchSpec, model: object, config: object, net: object, tok: object, source: Path | None,
               log: Callable[[str], None]) -> BenchResult:
     lengths = sorted(spec.lengths)
     if any(length <= spec.prompt_length for length in lengths):
@@ -238,7 +238,7 @@ def run_bench(spec: BenchSpec, model_name: str, config: object, net: object, tok
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))  # exports and the HF copy of the weights
     hf: _HF | None = None
     try:
-        engines = _our_engines(spec, model_name, config, net, tok, source, lengths[-1], work)
+        engines = _our_engines(spec, model, net, tok, lengths[-1], work)
         if "hf" in spec.compare:
             is_hf_dir = source is not None and (Path(source) / "config.json").is_file()
             hf_dir = source if is_hf_dir else _hf_copy(net, config, work)
@@ -257,27 +257,27 @@ def run_bench(spec: BenchSpec, model_name: str, config: object, net: object, tok
     return result
 
 
-def _our_engines(spec: BenchSpec, model_name: str, config: object, net: object, tok: object, source: Path | None,
-                 seq_length: int, work: Path) -> dict[str, Callable[[int], object]]:
-    """backend -> a factory of that engine for a batch size (exported backends export into `work` once)."""
-    from .export import run_export
-    from .exported import ExportedGenerator
+def _our_engines(spec: BenchSpec, model: object, net: object, tok: object, seq_length: int,
+                 work: Path) -> dict[str, Callable[[int], object]]:
+    """backend -> a factory of that engine for a batch size: the online graphs, or an exporter registered for the
+    model (by any plugin) exporting into `work` once per batch size, then its runner."""
     from .generate import Generator
 
     engines: dict[str, Callable[[int], object]] = {}
     for backend in spec.backends:
         if backend == "online":
             engines["online"] = lambda b: _Ours(Generator(net, NO_EOS, tok.pad_token_id, max_batch=b), tok)  # type: ignore
-        elif backend in ("mindir", "onnx", "lite"):
-            def make(b: int, backend: str = backend) -> _Ours:
-                out = work / f"{backend}-b{b}"
-                if not out.exists():
-                    run_export(ExportSpec(model=model_name, backend=backend, output_dir=out, batch_size=b,
-                                          seq_length=seq_length), net, config, tok, source)  # type: ignore[arg-type]
-                return _Ours(ExportedGenerator(out, backend, NO_EOS, tok.pad_token_id), tok)  # type: ignore
-            engines[backend] = make
-        else:
-            raise InputError(f"unknown bench backend {backend!r}", "use online, mindir, onnx or lite")
+            continue
+        exporter = model.component("exporter", backend)  # type: ignore[attr-defined]
+
+        def make(b: int, backend: str = backend, exporter: object = exporter) -> _Ours:
+            out = work / f"{backend}-b{b}"
+            if not out.exists():
+                exporter.export(model, ExportSpec(model=model.name, backend=backend, weights=spec.weights,  # type: ignore
+                                                  config=spec.config, output_dir=out, batch_size=b,
+                                                  seq_length=seq_length))
+            return _Ours(exporter.runner(model, out), tok)  # type: ignore[attr-defined]
+        engines[backend] = make
     return engines
 
 

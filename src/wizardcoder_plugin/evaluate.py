@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from registry_spec.atomic import write_json, write_jsonl
 from registry_spec.errors import InputError
 from registry_spec.specs import EvalResult, EvalSpec
 
-from .atomic import write_json, write_jsonl
 from .execution import Outcome, Sandbox, resolve, run_programs
 from .templates import INSTRUCTION
 
@@ -297,10 +297,11 @@ def eval_progress_json(out: Path, spec: EvalSpec) -> None:
 
 
 def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> EvalResult:
-    """The whole command. `generator_for()` returns (Generator, tokenizer); it is called only when generating."""
+    """The whole command. `generator_for()` returns (engine, tokenizer); it is called only when generating."""
     from tqdm import tqdm
 
-    from .generate import GenerationConfig
+    from registry_spec.generation import GenerationConfig
+    from registry_spec.generation import generate as generate_ids
 
     check_spec(spec)
     if spec.merge:
@@ -336,7 +337,7 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
     todo = [p for p in problems if p.task_id not in done]
     if todo:
         gen, tok = generator_for()  # type: ignore[operator]
-        context = min(spec.max_length, gen.config.seq_length)  # type: ignore[attr-defined]
+        context = min(spec.max_length, gen.context_length)  # type: ignore[attr-defined]
         sampling = spec.temperature > 0
 
         def generate(prompts: list[str]) -> list[list[str]]:
@@ -348,7 +349,7 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
                 cfg = GenerationConfig(max_new_tokens=context - min(map(len, batch)), max_length=context,
                                        do_sample=sampling, temperature=spec.temperature if sampling else 1.0,
                                        top_p=spec.top_p, seed=0)
-                outs = gen.generate(batch, cfg)  # type: ignore[attr-defined]
+                outs = generate_ids(gen, batch, cfg, tok.eos_token_id, tok.pad_token_id)  # type: ignore
                 for j, i in enumerate(fits):
                     texts[i] = [tok.decode(o.token_ids) for o in outs[j * spec.n_samples:(j + 1) * spec.n_samples]]
             return texts

@@ -15,11 +15,11 @@ import os
 from pathlib import Path
 
 from registry_spec import __spec_version__
+from registry_spec.atomic import atomic_dir
 from registry_spec.errors import BackendUnavailableError, InputError
 from registry_spec.specs import ExportResult, ExportSpec
 
 from . import __version__
-from .atomic import atomic_dir
 from .config import GPTBigCodeConfig
 
 BACKENDS = ("mindir", "onnx", "lite")

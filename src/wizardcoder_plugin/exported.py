@@ -1,13 +1,13 @@
 """Running an exported folder: verify its manifest and every file's sha256, load the graphs in their runtime
 (MindSpore for MindIR, onnxruntime for ONNX, MindSpore Lite in-process or through the Python 3.7 worker), and
-generate with the same decoding loop as the online model (`generate.decode_loop`)."""
+and serve them as an `Engine` to the host's one generation loop."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +15,6 @@ from registry_spec.errors import BackendUnavailableError, InputError
 
 from .config import GPTBigCodeConfig
 from .export import ONNX_HINT, lite_in_process, sha256
-from .generate import GenerationConfig, GenerationOutput, Generator, decode_loop
 
 
 def read_manifest(folder: Path, backend: str) -> dict:
@@ -100,50 +99,36 @@ def _has_ascend() -> bool:
     return Path("/usr/local/Ascend").is_dir()
 
 
-class ExportedGenerator(Generator):
-    """Generator over exported fixed-shape graphs: batches of exactly `batch_size`, sequences of `seq_length`."""
+class ExportedEngine:
+    """The host's `Engine` over exported fixed-shape graphs: batches of exactly `batch_size` rows, sequences of
+    `seq_length` tokens, the cache passed in and out of the decode graph."""
 
-    def __init__(self, folder: Path, backend: str, eos_token_id: int, pad_token_id: int) -> None:
+    def __init__(self, folder: Path, backend: str) -> None:
         self.manifest = read_manifest(folder, backend)
         self.config = GPTBigCodeConfig.model_validate(self.manifest["architecture"]).model_copy(
             update={"seq_length": self.manifest["seq_length"]})
         self.runtime = _Runtime(folder, self.manifest)
-        self.batch = self.manifest["batch_size"]
-        self.max_batch = self.batch
-        self.eos, self.pad = eos_token_id, pad_token_id
+        self.fixed_batch = self.max_batch = self.manifest["batch_size"]
+        self.fixed_length = self.context_length = self.config.seq_length
 
     def decode_kernels(self, batch: int) -> dict[str, object]:
         return {}  # the backend's runtime decides
 
-    def _generate_chunk(self, prompts: list[list[int]], cfg: GenerationConfig, rng: np.random.Generator,
-                        on_token: Callable | None, should_stop: Callable | None) -> list[GenerationOutput]:
-        if len(prompts) > self.batch:  # run_predict may lower max_batch; never raise it past the graph's batch
-            out: list[GenerationOutput] = []
-            for s in range(0, len(prompts), self.batch):
-                out += self._generate_chunk(prompts[s:s + self.batch], cfg, rng, on_token, should_stop)
-            return out
-        b, t = self.batch, self.config.seq_length
-        n = len(prompts)
-        lengths = np.array([len(p) for p in prompts] + [1] * (b - n), dtype=np.int32)
-        ids = np.full((b, t), self.pad, dtype=np.int32)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = p
+    def prefill(self, ids: np.ndarray, lengths: np.ndarray, max_len: int, greedy: bool,
+                use_cache: bool) -> tuple[np.ndarray, Any]:
         g = self.runtime.graphs
-        t0 = time.perf_counter()
         if "prefill" in g:
             logits, cache = g["prefill"](ids, lengths)
-            state = {"cache": cache}
+            return logits, {"cache": cache}
+        (logits,) = g["full"](ids, lengths)
+        return logits, {"ids": ids.copy()}
 
-            def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-                logits, state["cache"] = g["decode"](tokens.reshape(b, 1), positions.astype(np.int32),
-                                                     state["cache"])
-                return logits
-        else:
-            (logits,) = g["full"](ids, lengths)
-
-            def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-                ids[np.arange(b), positions] = tokens
-                return g["full"](ids, (positions + 1).astype(np.int32))[0]
-        prefill_ms = (time.perf_counter() - t0) * 1e3
-        return decode_loop(prompts, lengths, b, t, logits, step, prefill_ms, cfg, rng, self.eos, self.pad,
-                           on_token, should_stop)
+    def step(self, cache: Any, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        g = self.runtime.graphs
+        positions = positions.astype(np.int32)
+        if "cache" in cache:
+            logits, cache["cache"] = g["decode"](tokens.reshape(-1, 1).astype(np.int32), positions, cache["cache"])
+            return logits
+        ids = cache["ids"]
+        ids[np.arange(ids.shape[0]), positions] = tokens
+        return g["full"](ids, positions + 1)[0]

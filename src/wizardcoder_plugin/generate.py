@@ -1,86 +1,17 @@
-"""Text generation: one prefill graph per (batch, prompt-length) bucket, one decode graph per (batch, cache-length)
-bucket, token selection on the host (greedy, temperature / top-k / top-p sampling, repetition penalty).
-
-Rows are right-padded and keep their own positions, so a row's output equals its unbatched output.
+"""The online engine (the host's `Engine` protocol on the MindSpore network): one prefill graph per (batch,
+prompt-length) bucket and one decode graph per (batch, cache-length) bucket, sharing the bucket's KV cache. Token
+selection, bucket sizes and the loop itself are the host's (`registry_spec.generation`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from registry_spec.errors import InputError
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    use_cache: bool = True
-    truncate: bool = False
-    max_length: int | None = None  # per-row cap on prompt + generated tokens (HF's max_length)
-
-
-@dataclass
-class GenerationOutput:
-    token_ids: list[int]
-    finish_reason: str  # eos | stop | length
-    text: str = ""
-    prompt_tokens: int = 0
-    prefill_ms: float = 0.0
-    decode_tokens_per_s: float = 0.0
-
-
-def _bucket(n: int, minimum: int, cap: int) -> int:
-    b = minimum
-    while b < n:
-        b *= 2
-    return min(b, cap)
-
-
-def in_graph_greedy(cfg: GenerationConfig) -> bool:
-    """Whether the next token is the plain argmax of the logits, so the decode graph can pick it itself."""
-    return (not cfg.do_sample or cfg.top_k == 1) and cfg.repetition_penalty == 1.0
-
-
-def select_tokens(logits: np.ndarray, history: Sequence[Sequence[int]], cfg: GenerationConfig,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Next token per row from fp32 logits [B, V] (HF semantics for every option)."""
-    scores = logits.astype(np.float32, copy=True)
-    if cfg.repetition_penalty != 1.0:
-        for row, seen in enumerate(history):
-            idx = np.unique(np.asarray(seen, dtype=np.int64))
-            s = scores[row, idx]
-            scores[row, idx] = np.where(s < 0, s * cfg.repetition_penalty, s / cfg.repetition_penalty)
-    if not cfg.do_sample or cfg.top_k == 1:
-        return scores.argmax(axis=-1)
-    scores /= cfg.temperature
-    vocab = scores.shape[-1]
-    if 0 < cfg.top_k < vocab:
-        kth = np.partition(scores, vocab - cfg.top_k, axis=-1)[:, vocab - cfg.top_k: vocab - cfg.top_k + 1]
-        scores = np.where(scores < kth, -np.inf, scores)
-    if cfg.top_p < 1.0:
-        order = np.argsort(-scores, axis=-1)
-        sorted_scores = np.take_along_axis(scores, order, axis=-1)
-        probs = np.exp(sorted_scores - sorted_scores[:, :1])
-        probs /= probs.sum(axis=-1, keepdims=True)
-        remove = np.cumsum(probs, axis=-1) - probs >= cfg.top_p  # keep the smallest set reaching top_p
-        sorted_scores[remove] = -np.inf
-        scores = np.full_like(scores, -np.inf)
-        np.put_along_axis(scores, order, sorted_scores, axis=-1)
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(vocab, p=p) for p in probs])
-
+from registry_spec.generation import GenerationConfig, GenerationOutput, generate
 
 HEAD_LAYOUTS = ("auto", "tied", "transposed")
 KERNELS = ("auto", "native", "mindspore")
@@ -264,73 +195,47 @@ class Generator:
 
         compile_cell(cell, args, {"config": self.config.model_dump(), "precision": self.model.precision})  # type: ignore
 
-    def check_prompt(self, ids: list[int], cfg: GenerationConfig) -> list[int]:
-        limit = self.config.seq_length - 1
-        if len(ids) > limit:
-            if not cfg.truncate:
-                raise InputError(f"prompt has {len(ids)} tokens; the context is {self.config.seq_length} "
-                                 "(at least one token must be left to generate)",
-                                 "shorten the prompt, or pass --truncate to keep its last tokens")
-            ids = ids[-limit:]
-        if not ids:
-            raise InputError("empty prompt", "give at least one token of prompt text")
-        return ids
+    # ------------------------------------------------------------------------------------- the Engine protocol
+    fixed_batch = None
+    fixed_length = None
+
+    @property
+    def context_length(self) -> int:
+        return self.config.seq_length
+
+    def prefill(self, ids: np.ndarray, lengths: np.ndarray, max_len: int, greedy: bool,
+                use_cache: bool) -> tuple[np.ndarray, Any]:
+        import mindspore as ms
+
+        batch, prompt_len = ids.shape
+        if not use_cache:  # the whole padded sequence through the network at every step
+            full = np.full((batch, max_len), self.pad, dtype=np.int32)
+            full[:, :prompt_len] = ids
+            return self._full_logits(full, lengths), ("full", full)
+        prefill, decode = self._cells_for(batch, max_len, prompt_len, greedy)
+        args = (ms.Tensor.from_numpy(ids), ms.Tensor.from_numpy(lengths))
+        self._compile(prefill, args)
+        return prefill(*args).asnumpy(), ("cached", decode)
+
+    def step(self, cache: Any, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        import mindspore as ms
+
+        kind, state = cache
+        if kind == "full":
+            state[np.arange(state.shape[0]), positions] = tokens
+            return self._full_logits(state, positions + 1)
+        # from_numpy shares the arrays (half the cost of a copy per step); the call has finished with them when
+        # asnumpy returns, and the loop makes new ones for the next step
+        args = (ms.Tensor.from_numpy(np.ascontiguousarray(tokens.reshape(-1, 1).astype(np.int32))),
+                ms.Tensor.from_numpy(np.ascontiguousarray(positions.astype(np.int32))))
+        self._compile(state, args)
+        return state(*args).asnumpy()
 
     def generate(self, prompts: Sequence[list[int]], cfg: GenerationConfig,
                  on_token: Callable[[int, int], None] | None = None,
                  should_stop: Callable[[int, list[int]], bool] | None = None) -> list[GenerationOutput]:
-        """Generate for every prompt (lists of ids); `on_token(row, id)` streams, `should_stop(row, ids)` ends a row."""
-        prompts = [self.check_prompt(list(p), cfg) for p in prompts]
-        rng = np.random.default_rng(cfg.seed)
-        outs: list[GenerationOutput] = []
-        for start in range(0, len(prompts), self.max_batch):
-            chunk = prompts[start: start + self.max_batch]
-            stream = (lambda r, t, s=start: on_token(s + r, t)) if on_token else None
-            stop = (lambda r, ids, s=start: should_stop(s + r, ids)) if should_stop else None
-            outs.extend(self._generate_chunk(chunk, cfg, rng, stream, stop))
-        return outs
-
-    def _generate_chunk(self, prompts: list[list[int]], cfg: GenerationConfig, rng: np.random.Generator,
-                        on_token: Callable | None, should_stop: Callable | None) -> list[GenerationOutput]:
-        import mindspore as ms
-
-        n = len(prompts)
-        batch = _bucket(n, 1, max(self.max_batch, n))
-        lengths = np.array([len(p) for p in prompts] + [1] * (batch - n), dtype=np.int32)
-        ctx = self.config.seq_length
-        prompt_len = _bucket(int(lengths.max()), 16, ctx)
-        max_len = _bucket(int(lengths.max()) + cfg.max_new_tokens, 64, ctx)
-        max_len = max(max_len, prompt_len)
-        ids = np.full((batch, prompt_len), self.pad, dtype=np.int32)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = p
-        ids[n:, 0] = self.pad
-
-        t0 = time.perf_counter()
-        if cfg.use_cache:
-            prefill, decode = self._cells_for(batch, max_len, prompt_len, in_graph_greedy(cfg))
-            args = (ms.Tensor.from_numpy(ids), ms.Tensor.from_numpy(lengths))
-            self._compile(prefill, args)
-            logits = prefill(*args).asnumpy()
-
-            def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-                # from_numpy shares the arrays (half the cost of a copy per step); the call has finished with
-                # them when asnumpy returns, and the loop makes new ones for the next step
-                args = (ms.Tensor.from_numpy(np.ascontiguousarray(tokens.reshape(batch, 1))),
-                        ms.Tensor.from_numpy(np.ascontiguousarray(positions)))
-                self._compile(decode, args)
-                return decode(*args).asnumpy()
-        else:
-            full = np.full((batch, max_len), self.pad, dtype=np.int32)
-            full[:, :prompt_len] = ids
-            logits = self._full_logits(full, lengths)
-
-            def step(tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-                full[np.arange(batch), positions] = tokens
-                return self._full_logits(full, positions + 1)
-        prefill_ms = (time.perf_counter() - t0) * 1e3
-        return decode_loop(prompts, lengths, batch, max_len, logits, step, prefill_ms, cfg, rng, self.eos, self.pad,
-                           on_token, should_stop)
+        """The host's loop on this engine with its EOS and PAD ids (for Python callers and tests)."""
+        return generate(self, prompts, cfg, self.eos, self.pad, on_token, should_stop)
 
     def _full_logits(self, full: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The cache-free path: the whole padded sequence through the network, logits at each row's last token."""
@@ -341,54 +246,3 @@ class Generator:
         if self._last_token is None:
             self._last_token = LastTokenCell(self.model)
         return self._last_token(ms.Tensor(full), ms.Tensor(lengths.astype(np.int32))).asnumpy()
-
-
-def decode_loop(prompts: list[list[int]], lengths: np.ndarray, batch: int, max_len: int, logits: np.ndarray,
-                step: Callable[[np.ndarray, np.ndarray], np.ndarray], prefill_ms: float, cfg: GenerationConfig,
-                rng: np.random.Generator, eos: int, pad: int, on_token: Callable | None = None,
-                should_stop: Callable | None = None) -> list[GenerationOutput]:
-    """The token loop shared by every engine (online graphs, exported MindIR / ONNX / Lite graphs): select a token
-    per row from `logits`, finish rows (EOS, stop string, length), then `step(tokens [B], positions [B])` writes
-    each token at its row's position and returns the next logits [B,V], or the next token ids [B] where the
-    engine picked them itself (greedy in the graph)."""
-    n = len(prompts)
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    history = [list(p) for p in prompts] + [[pad]] * (batch - n)
-    finish: list[str | None] = [None] * n + ["length"] * (batch - n)
-    positions = lengths.copy()
-    t1 = time.perf_counter()
-    steps, tokens_at_t1 = 0, 0
-    while True:
-        if logits.ndim == 1:
-            tokens = logits.astype(np.int32)
-        else:
-            tokens = select_tokens(logits, history, cfg, rng).astype(np.int32)
-        for r in range(n):
-            if finish[r] is not None:
-                tokens[r] = pad
-                continue
-            tok = int(tokens[r])
-            generated[r].append(tok)
-            history[r].append(tok)
-            if on_token:
-                on_token(r, tok)
-            if tok == eos:
-                finish[r] = "eos"
-            elif should_stop and should_stop(r, generated[r]):
-                finish[r] = "stop"
-            elif (len(generated[r]) >= cfg.max_new_tokens or positions[r] + 1 >= max_len
-                  or (cfg.max_length and lengths[r] + len(generated[r]) >= cfg.max_length)):
-                finish[r] = "length"
-        if all(f is not None for f in finish):
-            break
-        tokens[n:] = pad
-        logits = step(tokens, positions)
-        positions = np.minimum(positions + 1, max_len - 1)
-        steps += 1
-        if steps == 1:  # the first decode call may compile its graph: time the steady state only
-            t1, tokens_at_t1 = time.perf_counter(), sum(len(g) for g in generated[:n])
-    decode_s = time.perf_counter() - t1
-    total_new = sum(len(g) for g in generated[:n])
-    rate = (total_new - tokens_at_t1) / decode_s if steps > 1 and decode_s > 0 else 0.0
-    return [GenerationOutput(generated[r], finish[r] or "length", prompt_tokens=int(lengths[r]),
-                             prefill_ms=prefill_ms, decode_tokens_per_s=rate) for r in range(n)]

@@ -204,7 +204,8 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
 
 def save_random_init(model: str, config: GPTBigCodeConfig, path: Path, seed: int = 0) -> Path:
     """Write the seeded random init of `model` as a MindSpore .safetensors checkpoint, atomically."""
-    from .atomic import atomic_path
+    from registry_spec.atomic import atomic_path
+
     from .weights import save_params
 
     with atomic_path(path) as tmp:

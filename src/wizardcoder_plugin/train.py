@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from registry_spec.atomic import atomic_dir, write_jsonl
 from registry_spec.errors import InputError
 from registry_spec.specs import TrainResult
 
-from .atomic import atomic_dir, write_jsonl
 from .config import GPTBigCodeConfig
 from .preprocess import COLUMNS, read_mindrecord
 from .run_config import TrainSettings

@@ -33,7 +33,7 @@ def cached() -> dict[str, str]:
 
 def remember(new: dict[str, str]) -> None:
     """Add choices to the cache (atomically; an unwritable cache is skipped: the next run times again)."""
-    from ..atomic import write_json
+    from registry_spec.atomic import write_json
 
     if not new:
         return

@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from registry_spec.atomic import atomic_path
 from registry_spec.errors import InputError
 from registry_spec.specs import ConvertResult
 
-from ..atomic import atomic_path
 from ..config import GPTBigCodeConfig
 from . import ckpt_files, safetensors_files
 from .loading import collect

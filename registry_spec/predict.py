@@ -1,20 +1,21 @@
-"""`zoo predict`: prompts in (flags or JSONL), the template applied, generation, text / JSONL out."""
+"""`zoo predict` on any engine: prompts in (flags or JSONL) through the tokenizer component's template, the one
+generation loop, incremental detokenization with stop strings and streaming, text / JSONL out."""
 
 from __future__ import annotations
 
 import json
 import sys
-
-from registry_spec.errors import InputError
-from registry_spec.specs import Completion, PredictResult, PredictSpec
+from collections.abc import Callable
 
 from .atomic import write_jsonl
-from .generate import GenerationConfig, GenerationOutput
-from .templates import apply_template
+from .components import Tokenizer
+from .errors import InputError
+from .generation import Engine, GenerationConfig, GenerationOutput, generate
+from .specs import Completion, PredictResult, PredictSpec
 
 
-def read_prompts(spec: PredictSpec) -> list[str]:
-    prompts = [apply_template(p, spec.template) for p in spec.prompt]
+def read_prompts(spec: PredictSpec, format_prompt: Callable[[str, str, str], str]) -> list[str]:
+    prompts = [format_prompt(p, spec.template, "") for p in spec.prompt]
     if spec.input is not None:
         if not spec.input.is_file():
             raise InputError(f"input file {spec.input} does not exist", "pass a JSONL file with --input")
@@ -29,7 +30,7 @@ def read_prompts(spec: PredictSpec) -> list[str]:
             if not isinstance(text, str):
                 raise InputError(f"{spec.input}:{n}: no string 'instruction' or 'prompt' field",
                                  'rows look like {"instruction": "..."} or {"prompt": "..."}')
-            prompts.append(apply_template(text, spec.template, row.get("input", "") or ""))
+            prompts.append(format_prompt(text, spec.template, row.get("input", "") or ""))
     if not prompts:
         raise InputError("no prompt given", "pass --prompt TEXT (repeatable) or --input FILE.jsonl")
     return prompts
@@ -46,12 +47,12 @@ def generation_config(spec: PredictSpec) -> GenerationConfig:
 class TextTracker:
     """Incremental detokenization per row: streams only complete UTF-8 text and finds stop strings."""
 
-    def __init__(self, tokenizer: object, n: int, stop: list[str], stream: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer, n: int, stop: list[str], stream: bool) -> None:
         self.tok, self.stop, self.stream = tokenizer, stop, stream
         self.emitted = [""] * n
 
     def text(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+        return self.tok.decode(ids, skip_special_tokens=True)
 
     def on_token(self, row: int, _tok: int, ids: list[int]) -> None:
         if not self.stream:
@@ -74,10 +75,11 @@ class TextTracker:
         return text
 
 
-def run_predict(spec: PredictSpec, generator: object, tokenizer: object) -> PredictResult:
-    prompts = read_prompts(spec)
+def run_predict(spec: PredictSpec, engine: Engine, tokenizer: Tokenizer,
+                format_prompt: Callable[[str, str, str], str]) -> PredictResult:
+    prompts = read_prompts(spec, format_prompt)
     cfg = generation_config(spec)
-    encoded = [tokenizer.encode(p) for p in prompts]  # type: ignore[attr-defined]
+    encoded = [tokenizer.encode(p) for p in prompts]
     tracker = TextTracker(tokenizer, len(prompts), cfg.stop, spec.stream)
     ids_so_far: dict[int, list[int]] = {}
 
@@ -85,11 +87,13 @@ def run_predict(spec: PredictSpec, generator: object, tokenizer: object) -> Pred
         ids_so_far.setdefault(row, []).append(tok)
         tracker.on_token(row, tok, ids_so_far[row])
 
-    if spec.stream and len(prompts) > 1:
-        generator.max_batch = 1  # type: ignore[attr-defined]  # stream prompts one after another, readable
-    outs: list[GenerationOutput] = generator.generate(  # type: ignore[attr-defined]
-        encoded, cfg, on_token=on_token if spec.stream else None,
-        should_stop=(lambda r, ids: tracker.stopped(ids)) if cfg.stop else None)
+    outs: list[GenerationOutput] = []
+    # streamed prompts go one after another, readable; otherwise in batches of the engine's size
+    groups = [[i] for i in range(len(encoded))] if spec.stream and len(prompts) > 1 else [list(range(len(encoded)))]
+    for group in groups:
+        outs += generate(engine, [encoded[i] for i in group], cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                         on_token=(lambda r, t, g=group: on_token(g[r], t)) if spec.stream else None,
+                         should_stop=(lambda r, ids: tracker.stopped(ids)) if cfg.stop else None)
     completions = []
     for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
         text = tracker.final(out.token_ids, out.finish_reason)
