@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine  # noqa: E402
 
-from wizardcoder_plugin.evaluate import load_problems  # noqa: E402
-from wizardcoder_plugin.execution import MODES, resolve, run_programs  # noqa: E402
+from wizardcoder_plugin.evaluation.execution import MODES, resolve, run_programs  # noqa: E402
+from wizardcoder_plugin.evaluation.tasks import load_problems  # noqa: E402
 
 
 def baseline_runner(rev: str, folder: Path):  # noqa: ANN201

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from common import append_results, machine
 
-from wizardcoder_plugin.config import PRESETS, load_config
-from wizardcoder_plugin.preprocess import write_mindrecord
-from wizardcoder_plugin.run_config import TrainSettings
-from wizardcoder_plugin.train import Trainer
+from wizardcoder_plugin.model.config import PRESETS, load_config
+from wizardcoder_plugin.training.preprocess import write_mindrecord
+from wizardcoder_plugin.training.run_config import TrainSettings
+from wizardcoder_plugin.training.trainer import Trainer
 
 
 def rows(n: int, width: int) -> list:
@@ -38,7 +38,7 @@ def rows(n: int, width: int) -> list:
 def hf_worker(conn, hf_config: dict, data_rows: list, batch: int, threads: int) -> None:
     """HF transformers + torch AdamW in a process of its own: builds the model, says "ready", then runs step i
     for each i it receives (the same rows as ours) and answers its time; None ends it."""
-    from wizardcoder_plugin.bench import reference_torch
+    from wizardcoder_plugin.generation.bench import reference_torch
 
     torch = reference_torch(threads)
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
@@ -65,7 +65,7 @@ def interleaved(config, data: Path, data_rows: list, work: Path, batch: int, ste
     without it) have gone to sleep."""
     import multiprocessing as mp
 
-    from wizardcoder_plugin.bench import reference_threads
+    from wizardcoder_plugin.generation.bench import reference_threads
 
     ctx = mp.get_context("spawn")
     mine, theirs = ctx.Pipe()

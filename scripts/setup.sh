@@ -14,7 +14,7 @@ fi
 .venv/bin/python -m pip install -q -e ".[${EXTRAS}]" 2> >(grep -v "WARNING: Location" >&2)
 if [ "${LITE:-1}" = 1 ]; then
   # optional: without Python 3.7 the lite export backend is unavailable, everything else works
-  if ZOO_LITE_ENV="$(pwd)/.venv-lite" .venv/bin/python -m wizardcoder_plugin.lite_runtime setup \
+  if ZOO_LITE_ENV="$(pwd)/.venv-lite" .venv/bin/python -m wizardcoder_plugin.export.lite_runtime setup \
       2> >(grep -v "WARNING: Location" >&2) >/dev/null; then
     echo "MindSpore Lite 2.0.0 (Python 3.7): $(pwd)/.venv-lite" >&2
   else

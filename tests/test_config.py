@@ -7,7 +7,7 @@ import json
 import pytest
 
 from registry_spec.errors import InputError
-from wizardcoder_plugin.config import PRESETS, GPTBigCodeConfig, load_config
+from wizardcoder_plugin.model.config import PRESETS, GPTBigCodeConfig, load_config
 
 
 def test_parameter_counts_are_computed_from_shapes():
@@ -50,7 +50,7 @@ def test_bad_configs_are_named(tmp_path):
 
 def test_hf_round_trip_of_config():
     cfg = PRESETS["wizardcoder-tiny"]
-    from wizardcoder_plugin.config import from_hf_dict
+    from wizardcoder_plugin.model.config import from_hf_dict
 
     back = from_hf_dict(cfg.to_hf_dict(), seq_length=cfg.seq_length)
     assert back == cfg

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_hf_checkpoint, zoo
 
 from registry_spec.errors import InputError, WeightsUnavailableError
-from wizardcoder_plugin.config import load_config
+from wizardcoder_plugin.model.config import load_config
 from wizardcoder_plugin.weights import collect, convert
 from wizardcoder_plugin.weights.safetensors_files import lazy_tensors
 
@@ -107,7 +107,7 @@ def test_reference_mindformers_naming(hf_tiny, tmp_path):
 
 
 def test_shape_mismatch_names_tensors_and_shapes(hf_tiny, tmp_path):
-    from wizardcoder_plugin.config import PRESETS
+    from wizardcoder_plugin.model.config import PRESETS
 
     with pytest.raises(InputError) as exc:
         convert(hf_tiny, tmp_path / "x.ckpt", PRESETS["wizardcoder-tiny"], progress=False)
@@ -139,9 +139,9 @@ def test_zoo_convert_cli_both_directions(hf_tiny, tmp_path):
 def test_wrong_shapes_are_refused_before_the_network_is_built(hf_tiny, monkeypatch):
     """The checkpoint's names and shapes are checked from its headers first: at the real model's size a mismatch
     must not cost building (allocating) the whole network."""
-    import wizardcoder_plugin.modeling as modeling
-    from wizardcoder_plugin.config import load_config
-    from wizardcoder_plugin.runtime import build_model
+    import wizardcoder_plugin.model.modeling as modeling
+    from wizardcoder_plugin.model.config import load_config
+    from wizardcoder_plugin.model.runtime import build_model
 
     def not_yet(*_args, **_kwargs):
         raise AssertionError("the network was built before the weights were checked")

@@ -13,8 +13,8 @@ from conftest import PKG_DATA, SHARED, zoo
 
 from registry_spec.errors import InputError
 from registry_spec.specs import EvalSpec
-from wizardcoder_plugin.evaluate import load_problems, pass_at_k, postprocess, run_eval
-from wizardcoder_plugin.execution import run_program
+from wizardcoder_plugin.evaluation.execution import run_program
+from wizardcoder_plugin.evaluation.tasks import load_problems, pass_at_k, postprocess, run_eval
 
 
 def rows(name: str) -> list[dict]:

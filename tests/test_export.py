@@ -15,12 +15,12 @@ from conftest import BUNDLED_TOKENIZER, zoo
 from registry_spec.errors import BackendUnavailableError, InputError
 from registry_spec.generation import GenerationConfig, generate
 from registry_spec.specs import ExportSpec
-from wizardcoder_plugin.config import load_config
-from wizardcoder_plugin.export import run_export, sha256
-from wizardcoder_plugin.exported import ExportedEngine
-from wizardcoder_plugin.generate import Generator
-from wizardcoder_plugin.runtime import build_model
-from wizardcoder_plugin.tokenizer import WizardCoderTokenizer
+from wizardcoder_plugin.export.runner import ExportedEngine
+from wizardcoder_plugin.export.writer import run_export, sha256
+from wizardcoder_plugin.generation.online import Generator
+from wizardcoder_plugin.model.config import load_config
+from wizardcoder_plugin.model.runtime import build_model
+from wizardcoder_plugin.text.tokenizer import WizardCoderTokenizer
 
 pytestmark = pytest.mark.slow
 PAD = 49152
@@ -144,7 +144,7 @@ def test_fp16_export_matches_fp16_online(tmp_path, hf_tiny):
     top-2 gap of 0.008 against a 0.005 rounding difference, so tokens are not compared)."""
     import mindspore as ms
 
-    from wizardcoder_plugin.modeling import KVCache, PrefillCell
+    from wizardcoder_plugin.model.modeling import KVCache, PrefillCell
 
     config = load_config(hf_tiny / "config.json").model_copy(update={"seq_length": 64})
     net = build_model("custom", config, hf_tiny, precision="fp16")
@@ -168,10 +168,10 @@ def test_multi_head_export_graphs_equal_the_online_model():
     any export: full, and prefill + one decode step, against the online model's last-token logits."""
     import mindspore as ms
 
-    from wizardcoder_plugin.config import GPTBigCodeConfig
-    from wizardcoder_plugin.export_graphs import DecodeGraph, FullGraph, PrefillGraph
-    from wizardcoder_plugin.modeling import GPTBigCodeForCausalLM, LastTokenCell
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.export.graphs import DecodeGraph, FullGraph, PrefillGraph
+    from wizardcoder_plugin.model.config import GPTBigCodeConfig
+    from wizardcoder_plugin.model.modeling import GPTBigCodeForCausalLM, LastTokenCell
+    from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()
     cfg = GPTBigCodeConfig(n_embd=96, n_layer=2, n_head=6, multi_query=False, vocab_size=1000, n_positions=64,

@@ -10,9 +10,9 @@ from conftest import BUNDLED_TOKENIZER, zoo
 
 from registry_spec.errors import InputError
 from registry_spec.generation import GenerationConfig, select_tokens
-from wizardcoder_plugin.config import load_config
-from wizardcoder_plugin.generate import Generator
-from wizardcoder_plugin.runtime import build_model
+from wizardcoder_plugin.generation.online import Generator
+from wizardcoder_plugin.model.config import load_config
+from wizardcoder_plugin.model.runtime import build_model
 
 PAD = 49152
 
@@ -210,7 +210,7 @@ def test_eos_stop_and_context_limits(generator, hf_model):
 def test_zoo_predict_on_hf_checkpoint(hf_tiny, hf_model, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from wizardcoder_plugin.tokenizer import WizardCoderTokenizer
+    from wizardcoder_plugin.text.tokenizer import WizardCoderTokenizer
 
     tok = WizardCoderTokenizer.from_pretrained(BUNDLED_TOKENIZER)
     tok.backend.save(str(hf_tiny / "tokenizer.json"))

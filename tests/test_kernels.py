@@ -28,7 +28,7 @@ def test_linear_equals_numpy_in_a_graph():
     import mindspore as ms
     from mindspore import nn
 
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()
 
@@ -132,9 +132,9 @@ def test_a_forked_child_can_still_run_the_kernel():
 
 def test_disabled_kernels_fall_back_or_fail_clearly(hf_tiny, monkeypatch):
     from registry_spec.generation import GenerationConfig
-    from wizardcoder_plugin.config import load_config
-    from wizardcoder_plugin.generate import Generator
-    from wizardcoder_plugin.runtime import build_model
+    from wizardcoder_plugin.generation.online import Generator
+    from wizardcoder_plugin.model.config import load_config
+    from wizardcoder_plugin.model.runtime import build_model
 
     net = build_model("custom", load_config(hf_tiny / "config.json"), hf_tiny)
     monkeypatch.setenv("ZOO_NATIVE_KERNELS", "0")
@@ -160,9 +160,9 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
     import torch
     from mindspore import ops
 
-    from wizardcoder_plugin.modeling import Activation, LayerNorm
-    from wizardcoder_plugin.runtime import init_mindspore
-    from wizardcoder_plugin.train import _native_training_kernels
+    from wizardcoder_plugin.model.modeling import Activation, LayerNorm
+    from wizardcoder_plugin.model.runtime import init_mindspore
+    from wizardcoder_plugin.training.trainer import _native_training_kernels
 
     init_mindspore()
     rng = np.random.default_rng(4)
@@ -182,8 +182,8 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
     for ours, ref in ((dx, tx.grad), (dg, tg.grad), (db, tb.grad)):
         np.testing.assert_allclose(ours.asnumpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
 
-    from wizardcoder_plugin.config import PRESETS
-    from wizardcoder_plugin.modeling import GPTBigCodeForCausalLM
+    from wizardcoder_plugin.model.config import PRESETS
+    from wizardcoder_plugin.model.modeling import GPTBigCodeForCausalLM
 
     net = GPTBigCodeForCausalLM(PRESETS["wizardcoder-tiny"].model_copy(update={"n_layer": 1}))
     assert _native_training_kernels(net)  # the trainer's switch: every LayerNorm and activation of the model
@@ -198,8 +198,8 @@ def test_gelu_forward_and_backward_equal_torch(name):
     import torch
     from mindspore import ops
 
-    from wizardcoder_plugin.modeling import Activation
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.model.modeling import Activation
+    from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()
     act = Activation(name)
@@ -222,7 +222,7 @@ def _greedy_head(hidden: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     from mindspore import nn
 
     from wizardcoder_plugin.kernels.head import greedy_tables
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()
     q, info = greedy_tables(weight)
@@ -308,7 +308,7 @@ def test_bias_add_and_bias_gelu_equal_numpy(exact):
     import mindspore as ms
     import torch
 
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()
     nk = native_kernels()
@@ -331,8 +331,8 @@ def test_native_adamw_step_equals_the_mindspore_update():
     both moments, with decay on the matrix only and bias correction; the accumulators are zeroed."""
     from mindspore import Parameter, ParameterTuple, Tensor
 
-    from wizardcoder_plugin.optim import AdamW
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.model.runtime import init_mindspore
+    from wizardcoder_plugin.training.optim import AdamW
 
     init_mindspore()
     rng = np.random.default_rng(9)
@@ -364,8 +364,8 @@ def test_sum_squares_equals_float64():
     import mindspore as ms
     from mindspore import Parameter, ParameterTuple, Tensor
 
-    from wizardcoder_plugin.optim import GradStats
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.model.runtime import init_mindspore
+    from wizardcoder_plugin.training.optim import GradStats
 
     init_mindspore()
     rng = np.random.default_rng(13)
@@ -387,8 +387,8 @@ def test_linear_backward_equals_torch(m, k, n):
     import torch
     from mindspore import Tensor
 
-    from wizardcoder_plugin.modeling import DenseGrad, NativeBackwardDense
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.model.modeling import DenseGrad, NativeBackwardDense
+    from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()
     rng = np.random.default_rng(21)
@@ -409,8 +409,8 @@ def test_cross_entropy_equals_torch(rows, vocab):
     import torch
     from mindspore import Tensor, nn, ops
 
-    from wizardcoder_plugin.optim import causal_lm_loss
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.model.runtime import init_mindspore
+    from wizardcoder_plugin.training.optim import causal_lm_loss
 
     init_mindspore()
     rng = np.random.default_rng(22)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import REPO, make_hf_checkpoint, zoo
 
-from wizardcoder_plugin.config import PRESETS, load_config
-from wizardcoder_plugin.memory import (
+from wizardcoder_plugin.model.config import PRESETS, load_config
+from wizardcoder_plugin.model.memory import (
     MemoryPlan,
     inference_plan,
     kv_bytes_per_token,
@@ -33,9 +33,9 @@ def _nbytes(params) -> int:
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_plan_figures_equal_what_mindspore_allocates(precision):
-    from wizardcoder_plugin.modeling import GPTBigCodeForCausalLM, KVCache
-    from wizardcoder_plugin.optim import AdamW, fp32_zeros
-    from wizardcoder_plugin.runtime import init_mindspore
+    from wizardcoder_plugin.model.modeling import GPTBigCodeForCausalLM, KVCache
+    from wizardcoder_plugin.model.runtime import init_mindspore
+    from wizardcoder_plugin.training.optim import AdamW, fp32_zeros
 
     ms = init_mindspore()
     config = PRESETS["wizardcoder-tiny"]

@@ -18,9 +18,9 @@ from mindspore import Tensor
 ms.set_context(mode=ms.GRAPH_MODE)
 import mindformers  # a process that uses mindformers: building any model registers WizardCoder
 from mindformers.tools.register import MindFormerModuleType as T, MindFormerRegister as R
-from wizardcoder_plugin.mindformers_compat import register
-from wizardcoder_plugin.runtime import build_model
-from wizardcoder_plugin.config import PRESETS
+from wizardcoder_plugin.compat.mindformers import register
+from wizardcoder_plugin.model.runtime import build_model
+from wizardcoder_plugin.model.config import PRESETS
 assert not R.is_exist(T.MODELS, "WizardCoderLMHeadModel")
 build_model("wizardcoder-tiny", PRESETS["wizardcoder-tiny"], None)
 assert R.is_exist(T.MODELS, "WizardCoderLMHeadModel")
@@ -53,7 +53,7 @@ def test_mindformers_registry_builds_wizardcoder(tmp_path, hf_tiny, hf_model):
     # register() imports mindformers itself without its logs landing in the cwd
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    r = subprocess.run([sys.executable, "-c", "from wizardcoder_plugin.mindformers_compat import register; "
+    r = subprocess.run([sys.executable, "-c", "from wizardcoder_plugin.compat.mindformers import register; "
                         "print(register())"], capture_output=True, text=True, cwd=fresh, timeout=600)
     assert r.returncode == 0 and "'WizardCoderLMHeadModel': 'registered'" in r.stdout, r.stderr[-2000:]
     assert list(fresh.iterdir()) == []

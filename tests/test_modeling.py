@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wizardcoder_plugin.config import load_config
-from wizardcoder_plugin.runtime import build_model, init_mindspore
+from wizardcoder_plugin.model.config import load_config
+from wizardcoder_plugin.model.runtime import build_model, init_mindspore
 
 
 def hf_logits(path, ids, mask):
@@ -52,7 +52,7 @@ def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     native kernels also through the screened int8 head."""
     ms = init_mindspore()
     from wizardcoder_plugin.kernels import availability, native_kernels
-    from wizardcoder_plugin.modeling import DecodeCell, KVCache, PrefillCell
+    from wizardcoder_plugin.model.modeling import DecodeCell, KVCache, PrefillCell
 
     if kernels == "native" and not availability()[0]:
         pytest.skip(f"native kernels unavailable here: {availability()[1]}")

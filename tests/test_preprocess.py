@@ -11,8 +11,8 @@ from conftest import CODE_ALPACA_SAMPLE, zoo
 
 from registry_spec.errors import InputError
 from registry_spec.specs import PreprocessSpec
-from wizardcoder_plugin.preprocess import IGNORE_INDEX, read_mindrecord, run_preprocess
-from wizardcoder_plugin.templates import INSTRUCTION, INSTRUCTION_WITH_INPUT
+from wizardcoder_plugin.text.templates import INSTRUCTION, INSTRUCTION_WITH_INPUT
+from wizardcoder_plugin.training.preprocess import IGNORE_INDEX, read_mindrecord, run_preprocess
 
 PAD, EOS = 49152, 0
 
@@ -21,7 +21,7 @@ PAD, EOS = 49152, 0
 def tok():
     from conftest import BUNDLED_TOKENIZER
 
-    from wizardcoder_plugin.tokenizer import WizardCoderTokenizer
+    from wizardcoder_plugin.text.tokenizer import WizardCoderTokenizer
 
     return WizardCoderTokenizer.from_pretrained(BUNDLED_TOKENIZER)
 

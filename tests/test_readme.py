@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import BUNDLED_TOKENIZER, REPO
 
-from wizardcoder_plugin.tokenizer import WizardCoderTokenizer
+from wizardcoder_plugin.text.tokenizer import WizardCoderTokenizer
 
 pytestmark = pytest.mark.slow
 

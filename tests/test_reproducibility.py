@@ -19,7 +19,7 @@ import pytest
 from conftest import CODE_ALPACA_SAMPLE, zoo
 
 from wizardcoder_plugin.kernels import availability
-from wizardcoder_plugin.train import checkpoints
+from wizardcoder_plugin.training.trainer import checkpoints
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not availability()[0], reason="the native kernels cannot be built here")]

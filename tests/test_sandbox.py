@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, zoo
 
 from registry_spec.errors import InputError
-from wizardcoder_plugin.execution import MODES, Sandbox, resolve, run_program, run_programs
+from wizardcoder_plugin.evaluation.execution import MODES, Sandbox, resolve, run_program, run_programs
 
 REQUIRED = [m for m in os.environ.get("ZOO_REQUIRE_SANDBOX", "").split(",") if m]
 
@@ -275,7 +275,7 @@ def test_unknown_or_missing_sandbox_is_refused(monkeypatch):
         resolve("chroot")
     r = zoo("eval", "wizardcoder-tiny", "--task", "mbpp", "--sandbox", "jail", "--load-generations", "/dev/null")
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    import wizardcoder_plugin.execution as execution
+    import wizardcoder_plugin.evaluation.execution as execution
 
     monkeypatch.setattr(execution, "_resolved", {})
     monkeypatch.setenv("PATH", "/nonexistent")
@@ -286,7 +286,7 @@ def test_unknown_or_missing_sandbox_is_refused(monkeypatch):
 
 UNPRIVILEGED = """
 import json, sys
-from wizardcoder_plugin.execution import resolve, run_program
+from wizardcoder_plugin.evaluation.execution import resolve, run_program
 box = resolve(sys.argv[1])
 programs = json.loads(sys.argv[2])
 print(json.dumps({"root": box.root, "outcomes": [run_program(p, 3.0, box).status for p in programs]}))
@@ -309,8 +309,10 @@ def test_user_namespace_path_for_unprivileged_users(mode):
 
 
 def _run_unprivileged(mode: str, python: str, pkg: Path) -> None:
-    shutil.copytree(REPO / "src/wizardcoder_plugin/execution", pkg / "wizardcoder_plugin/execution")
+    inner = "wizardcoder_plugin/evaluation/execution"
+    shutil.copytree(REPO / "src" / inner, pkg / inner)
     (pkg / "wizardcoder_plugin/__init__.py").write_text("")
+    (pkg / "wizardcoder_plugin/evaluation/__init__.py").write_text("")
     (pkg / "registry_spec").mkdir()
     (pkg / "registry_spec/__init__.py").write_text("")
     shutil.copy(REPO / "registry_spec/errors.py", pkg / "registry_spec/errors.py")

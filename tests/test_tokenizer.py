@@ -9,7 +9,7 @@ import pytest
 from conftest import BUNDLED_TOKENIZER, STARCODER2
 
 from registry_spec.errors import WeightsUnavailableError
-from wizardcoder_plugin.tokenizer import WizardCoderTokenizer, special_tokens
+from wizardcoder_plugin.text.tokenizer import WizardCoderTokenizer, special_tokens
 
 TOK_DIR = STARCODER2 if STARCODER2.is_dir() else BUNDLED_TOKENIZER
 CORPUS = [

@@ -16,11 +16,11 @@ from conftest import CODE_ALPACA_SAMPLE, zoo
 
 from registry_spec.errors import InputError
 from registry_spec.specs import TrainSpec
-from wizardcoder_plugin.config import load_config
-from wizardcoder_plugin.optim import LossScaler, cosine_with_warmup
-from wizardcoder_plugin.preprocess import write_mindrecord
-from wizardcoder_plugin.run_config import TrainSettings, resolve_train
-from wizardcoder_plugin.train import Trainer, checkpoints
+from wizardcoder_plugin.model.config import load_config
+from wizardcoder_plugin.training.optim import LossScaler, cosine_with_warmup
+from wizardcoder_plugin.training.preprocess import write_mindrecord
+from wizardcoder_plugin.training.run_config import TrainSettings, resolve_train
+from wizardcoder_plugin.training.trainer import Trainer, checkpoints
 
 PAD = 49152
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # HF's config defaults to 0.1
@@ -92,8 +92,8 @@ def test_loss_equals_hf_causal_lm_loss(hf_tiny, hf_model):
     import torch
     from mindspore import Tensor
 
-    from wizardcoder_plugin.optim import CausalLMLoss
-    from wizardcoder_plugin.runtime import build_model
+    from wizardcoder_plugin.model.runtime import build_model
+    from wizardcoder_plugin.training.optim import CausalLMLoss
 
     rows = make_rows(3, 33, seed=3)
     ids = np.stack([r[0] for r in rows])
@@ -354,9 +354,9 @@ def test_other_backwards_give_the_same_gradients(hf_tiny):
 
     from wizardcoder_plugin.kernels import availability, native_kernels
     from wizardcoder_plugin.kernels.choices import choose_backwards
-    from wizardcoder_plugin.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
-    from wizardcoder_plugin.optim import AccumulateGrads, CausalLMLoss
-    from wizardcoder_plugin.runtime import build_model
+    from wizardcoder_plugin.model.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
+    from wizardcoder_plugin.model.runtime import build_model
+    from wizardcoder_plugin.training.optim import AccumulateGrads, CausalLMLoss
 
     rng = np.random.default_rng(5)
     x, w, b, dy = (rng.standard_normal(s, dtype=np.float32) for s in ((6, 100), (7, 100), (7,), (6, 7)))

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_hf_checkpoint, zoo
 
 from registry_spec.errors import InputError
-from wizardcoder_plugin.config import load_config
+from wizardcoder_plugin.model.config import load_config
 from wizardcoder_plugin.weights import ckpt_files, collect, convert
 from wizardcoder_plugin.weights.tensors import LazyTensor, bf16_to_f32, f32_to_bf16
 
@@ -105,7 +105,7 @@ def test_damaged_ckpt_is_refused(hf_tiny, tmp_path):
 
 MEASURE = """
 import json, resource, sys
-from wizardcoder_plugin.config import load_config
+from wizardcoder_plugin.model.config import load_config
 from wizardcoder_plugin.weights import convert
 import tqdm, mindspore  # imported before the baseline: their memory is not the conversion's
 def rss_mb(): return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -142,7 +142,7 @@ def test_params_saved_as_safetensors_and_legacy_ckpt_load_back(tmp_path):
     import mindspore as ms
     from mindspore import Parameter
 
-    from wizardcoder_plugin.train import _checkpoint_file
+    from wizardcoder_plugin.training.trainer import _checkpoint_file
     from wizardcoder_plugin.weights import load_params, save_params
 
     rng = np.random.default_rng(3)

@@ -32,7 +32,7 @@ class Config:
     """The card's preset, or an HF config.json / mindformers YAML (`--config`)."""
 
     def resolve(self, model: Any, path: Path | None) -> Any:
-        from .config import resolve_config
+        from .model.config import resolve_config
 
         return resolve_config(model.name, path)
 
@@ -44,8 +44,8 @@ class Tokenizer:
     """StarCoder's BPE: `--tokenizer`, else files beside the weights, else the bundled one (tiny only)."""
 
     def load(self, model: Any, path: Path | None, weights: Path | None) -> Any:
-        from .runtime import weights_search_paths
-        from .tokenizer import WizardCoderTokenizer
+        from .model.runtime import weights_search_paths
+        from .text.tokenizer import WizardCoderTokenizer
 
         if path is not None:
             return WizardCoderTokenizer.from_pretrained(path)
@@ -61,7 +61,7 @@ class Tokenizer:
                                       "pass --tokenizer DIR with your checkpoint's tokenizer files")
 
     def format_prompt(self, text: str, template: str, extra: str = "") -> str:
-        from .templates import apply_template
+        from .text.templates import apply_template
 
         return apply_template(text, template, extra)
 
@@ -70,9 +70,9 @@ class Model:
     """The MindSpore GPTBigCode network: the online engine, the trainer, the weights, the benchmark."""
 
     def engine(self, model: Any, spec: PredictSpec, tokenizer: Any) -> Any:
-        from .generate import Generator
-        from .memory import check_inference
-        from .runtime import build_model
+        from .generation.online import Generator
+        from .model.memory import check_inference
+        from .model.runtime import build_model
 
         config = model.config(spec.config)
         if tokenizer.vocab_size > config.vocab_size:
@@ -83,8 +83,8 @@ class Model:
         return Generator(net, tokenizer.eos_token_id, tokenizer.pad_token_id, max_batch=spec.batch_size)
 
     def trainer(self, model: Any, spec: TrainSpec) -> Any:
-        from .run_config import resolve_train
-        from .train import Trainer
+        from .training.run_config import resolve_train
+        from .training.trainer import Trainer
 
         settings, config, notes = resolve_train(spec, model.name)
         for note in notes:
@@ -93,7 +93,7 @@ class Model:
 
     def state_dict(self, model: Any, weights: Path | None, config: Path | None) -> Mapping[str, Any]:
         """fp32 numpy arrays in HF naming (the tied head omitted): the checkpoint's, or the seeded random init."""
-        from .runtime import build_model, find_weights
+        from .model.runtime import build_model, find_weights
         from .weights import collect
         from .weights.tensors import as_dtype
 
@@ -105,9 +105,9 @@ class Model:
         return {n: as_dtype(t.read(), t.dtype, "F32") for n, t in collect(source, cfg).items()}
 
     def bench(self, model: Any, spec: BenchSpec) -> BenchResult:
-        from .bench import run_bench
-        from .memory import check_inference
-        from .runtime import build_model, find_weights
+        from .generation.bench import run_bench
+        from .model.memory import check_inference
+        from .model.runtime import build_model, find_weights
 
         config = model.config(spec.config)
         tok = model.tokenizer(None, spec.weights)
@@ -120,7 +120,7 @@ class Model:
         """A seeded random checkpoint in HF layout, the bundled tokenizer, and a few instruction rows."""
         import json
 
-        from .runtime import save_random_init
+        from .model.runtime import save_random_init
         from .weights import convert
 
         workdir.mkdir(parents=True, exist_ok=True)
@@ -166,9 +166,9 @@ class Exporter:
         self.backend = backend
 
     def export(self, model: Any, spec: ExportSpec) -> ExportResult:
-        from .export import run_export
-        from .memory import check_inference, weight_bytes
-        from .runtime import build_model, find_weights
+        from .export.writer import run_export
+        from .model.memory import check_inference, weight_bytes
+        from .model.runtime import build_model, find_weights
 
         config = model.config(spec.config)
         tok = model.tokenizer(spec.tokenizer, spec.weights)
@@ -179,7 +179,7 @@ class Exporter:
         return run_export(spec, net, config, tok, find_weights(model.name, spec.weights))
 
     def runner(self, model: Any, folder: Path) -> Any:
-        from .exported import ExportedEngine
+        from .export.runner import ExportedEngine
 
         return ExportedEngine(folder, self.backend)
 
@@ -194,7 +194,7 @@ class Task:
         self.name = name
 
     def evaluate(self, model: Any, spec: EvalSpec) -> EvalResult:
-        from .evaluate import run_eval
+        from .evaluation.tasks import run_eval
 
         def generator_for() -> tuple[object, object]:
             return model.generator(PredictSpec(model=spec.model, weights=spec.weights, config=spec.config,
@@ -210,6 +210,6 @@ class MindRecord:
     """Instruction or plain-text data tokenized into MindRecord rows for `zoo train`."""
 
     def preprocess(self, model: Any, spec: PreprocessSpec, tokenizer: Any) -> PreprocessResult:
-        from .preprocess import run_preprocess
+        from .training.preprocess import run_preprocess
 
         return run_preprocess(spec, tokenizer)

@@ -8,8 +8,8 @@ from registry_spec import hookimpl
 from registry_spec.specs import ComponentInfo, ModelCard, PluginManifest
 
 from . import __version__
-from .config import PRESETS
-from .memory import card_figures
+from .model.config import PRESETS
+from .model.memory import card_figures
 
 PLUGIN_NAME = "wizardcoder"
 FAMILY = "gpt_bigcode"
@@ -35,7 +35,7 @@ COMPONENTS = [
     ComponentInfo(kind="exporter", name="onnx", impl=f"{_C}:ONNX", requires=_EXPORT_EXTRA,
                   description="ONNX graphs run by onnxruntime"),
     ComponentInfo(kind="exporter", name="lite", impl=f"{_C}:LITE",
-                  requires=f"{_EXPORT_EXTRA} && python -m wizardcoder_plugin.lite_runtime setup",
+                  requires=f"{_EXPORT_EXTRA} && python -m wizardcoder_plugin.export.lite_runtime setup",
                   description="MindSpore Lite (2.0.0 via a Python 3.7 worker, or an in-process mindspore_lite "
                               "with the Ascend config)"),
     ComponentInfo(kind="task", name="mbpp", impl=f"{_C}:MBPP", default=True,

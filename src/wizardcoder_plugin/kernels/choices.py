@@ -6,7 +6,7 @@ shape, so another machine or build times afresh.
 Cached here: the LM head's layout per batch size (`head_layout`, inference: same tokens either way) and the
 trainer's linear layers' backward (`choose_backwards`). It changes results in the last bits
 (the native backward sums in another order than MindSpore's), so a run also records the choices it used and a
-resume reuses those (`train.py`): the cache only makes runs that start afresh on one machine agree.
+resume reuses those (`training/trainer.py`): the cache only makes runs that start afresh on one machine agree.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def head_layout(model: object, batch: int, candidates: list[str], native: object
     import mindspore as ms
     import numpy as np
 
-    from ..modeling import LMHeadCell
-    from ..runtime import fastest_call
+    from ..model.modeling import LMHeadCell
+    from ..model.runtime import fastest_call
 
     wte = model.transformer.wte.weight  # type: ignore[attr-defined]
     key = f"{build_tag(native)}/head_layout/{wte.shape}/b{batch}/{wte.dtype}/{'+'.join(candidates)}"
@@ -77,7 +77,7 @@ def head_layout(model: object, batch: int, candidates: list[str], native: object
     best = {name: min(t for (n, _), t in timed.items() if n == name) for name in candidates}
     if "transposed" in best and best["transposed"] >= 0.9 * best.get("tied", float("inf")):
         del best["transposed"]  # only a clear win pays for the copy's memory
-    if "native" in best:  # the native blocks come with it: 1.6-2.3x MindSpore's kernels where measured
+    if "native" in best:  # the native blocks come with it, faster than MindSpore's (RESULTS.md)
         best["native"] /= NATIVE_BLOCKS_CREDIT
     winner = min(best, key=best.__getitem__)
     remember({key: winner})
@@ -98,8 +98,8 @@ def choose_backwards(model: object, rows: int, native: object | None, recorded: 
     import mindspore as ms
     import numpy as np
 
-    from ..modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
-    from ..runtime import fastest_call
+    from ..model.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
+    from ..model.runtime import fastest_call
 
     if ms.get_context("device_target") != "CPU":
         return {}

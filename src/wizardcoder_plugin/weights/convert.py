@@ -17,7 +17,7 @@ from registry_spec.atomic import atomic_path
 from registry_spec.errors import InputError
 from registry_spec.specs import ConvertResult
 
-from ..config import GPTBigCodeConfig
+from ..model.config import GPTBigCodeConfig
 from . import ckpt_files, safetensors_files
 from .loading import collect
 

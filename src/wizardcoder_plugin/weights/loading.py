@@ -11,7 +11,7 @@ import numpy as np
 
 from registry_spec.errors import InputError
 
-from ..config import GPTBigCodeConfig
+from ..model.config import GPTBigCodeConfig
 from . import safetensors_files
 from .sources import TIED, open_source, raw_tensors
 from .tensors import LazyTensor, as_dtype, f32_to_bf16

@@ -14,7 +14,7 @@ from pydantic import Field, PositiveInt
 from registry_spec.errors import InputError
 from registry_spec.specs import ParallelSpec, TrainSpec
 
-from .config import GPTBigCodeConfig, from_mindformers_dict, load_config, resolve_config
+from ..model.config import GPTBigCodeConfig, from_mindformers_dict, load_config, resolve_config
 
 
 class TrainSettings(TrainSpec):

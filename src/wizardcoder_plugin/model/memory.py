@@ -14,7 +14,8 @@ from registry_spec.errors import InputError
 from .config import GPTBigCodeConfig
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-# Python, MindSpore's libraries and runtime before the first tensor (measured: 0.50-0.55 GiB resident on CPU)
+# Python, MindSpore's libraries and runtime before the first tensor (benchmarks/startup.py measures it;
+# tests/test_memory.py checks the plan's total against a run)
 FRAMEWORK_BYTES = 640 * 2**20
 GIB = 2**30
 
@@ -170,7 +171,7 @@ def _cgroup_room() -> tuple[int, str] | None:
 
 def available() -> tuple[int, str]:
     """(bytes this process may still allocate, where the figure comes from)."""
-    from .weights import parse_size
+    from ..weights import parse_size
 
     if os.environ.get("ZOO_MEMORY_LIMIT"):
         return parse_size(os.environ["ZOO_MEMORY_LIMIT"]), "$ZOO_MEMORY_LIMIT"

@@ -31,8 +31,8 @@ def register() -> dict[str, str]:
     from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
     from mindspore import ops
 
-    from .config import GPTBigCodeConfig, from_mindformers_dict
-    from .tokenizer import WizardCoderTokenizer as _Tokenizer
+    from ..model.config import GPTBigCodeConfig, from_mindformers_dict
+    from ..text.tokenizer import WizardCoderTokenizer as _Tokenizer
 
     class WizardCoderConfig(PretrainedConfig):
         """mindformers config with the reference's `model_config` keys; `.gpt_bigcode` is this plugin's config."""
@@ -54,11 +54,11 @@ def register() -> dict[str, str]:
 
         def __init__(self, config: WizardCoderConfig, precision: str = "fp32") -> None:
             super().__init__(config, auto_prefix=False)
-            from .modeling import GPTBigCodeForCausalLM
+            from ..model.modeling import GPTBigCodeForCausalLM
 
             self.network = GPTBigCodeForCausalLM(config.gpt_bigcode, precision)
             if config.checkpoint_name_or_path:
-                from .weights import collect, load_into
+                from ..weights import collect, load_into
 
                 load_into(self.network, collect(Path(config.checkpoint_name_or_path), config.gpt_bigcode))
 

@@ -21,10 +21,10 @@ from registry_spec.atomic import write_json, write_jsonl
 from registry_spec.errors import InputError
 from registry_spec.specs import EvalResult, EvalSpec
 
+from ..text.templates import INSTRUCTION
 from .execution import Outcome, Sandbox, resolve, run_programs
-from .templates import INSTRUCTION
 
-DATA = Path(__file__).parent / "data" / "eval"
+DATA = Path(__file__).parents[1] / "data" / "eval"
 DEFAULT_DATA = {"mbpp": DATA / "mbpp.test.jsonl.gz", "humaneval": DATA / "HumanEval.jsonl.gz"}
 MBPP_FULL = DATA / "mbpp.jsonl.gz"
 INSTRUCTION_PREFIX = "Create a Python script for this problem:\n"

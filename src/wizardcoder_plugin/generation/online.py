@@ -26,16 +26,16 @@ class Generator:
     linear kernel, and the prefill's LayerNorm, bias, residual and GELU passes; CPU and fp32 only, compiled on
     first use), or "auto": on CPU in fp32, time the LM head both ways once per batch size and keep native unless
     its head is more than 1.2x slower (MindSpore's CPU MatMul runs a few-row product on one core, and each of its
-    ~24 kernels per layer costs a launch; measured on one Xeon the native decode step was 1.6-2.3x faster).
+    ~24 kernels per layer costs a launch; benchmarks/RESULTS.md has the decode ratios).
     `head_layout` says how MindSpore's MatMul reads the tied LM head: "tied" (the embedding [V,E] as stored),
-    "transposed" (a copy [E,V]), or "auto": time both. Which wins depends on the kernel and the shape (measured on
-    one Xeon: the copy 1.3x faster for one row at hidden 256, the stored layout 1.5x faster for 8 rows at hidden
-    768). The copy is a snapshot: after changing the model's weights in place, call `sync_weights()`.
+    "transposed" (a copy [E,V]), or "auto": time both. Which wins depends on the kernel, the shape and the
+    machine (either has won by a wide margin at some batch size and hidden size). The copy is a snapshot: after
+    changing the model's weights in place, call `sync_weights()`.
     `head_choice` records, per batch size, what the graphs use: "native", "tied" or "transposed".
     `screened_head`: on native kernels, greedy steps pick their token from an int8 copy of the LM head with a
     bound that proves which rows cannot win, re-scoring the rest in fp32 (kernels/head.py): the same token as the
-    fp32 argmax, reading about a quarter of the head's bytes (measured on one Xeon: 0.43 against 1.06 ms for the
-    tiny model's head at batch 1). The copy (V x E bytes) is a snapshot, refreshed by `sync_weights()`."""
+    fp32 argmax, reading about a quarter of the head's bytes. The copy (V x E bytes) is a snapshot, refreshed by
+    `sync_weights()`."""
 
     def __init__(self, model: object, eos_token_id: int, pad_token_id: int, max_batch: int = 8,
                  head_layout: str = "auto", kernels: str = "auto", screened_head: bool = True) -> None:
@@ -61,7 +61,7 @@ class Generator:
         """The native kernels if they may run here, else None (for "auto") or an InputError (for "native")."""
         import mindspore as ms
 
-        from .kernels import KernelUnavailable, native_kernels
+        from ..kernels import KernelUnavailable, native_kernels
 
         if self.kernels == "mindspore":
             return None
@@ -96,7 +96,7 @@ class Generator:
     def _pick_head_layout(self, batch: int) -> str:
         import mindspore as ms
 
-        from .kernels import choices
+        from ..kernels import choices
 
         native = self._native_kernels()
         if self.kernels == "native":
@@ -108,7 +108,7 @@ class Generator:
         else:
             candidates["tied"] = None
             # beside the native kernels the copy is not a candidate: a MindSpore head must beat their head and
-            # blocks by 1.2x, which the copy's ~10% never made up where measured, and it costs seconds at 1B
+            # blocks by 1.2x, which the copy's small gain never made up, and making it costs seconds at 1B
             if native is None and wte.size * wte.itemsize <= _HEAD_COPY_LIMIT and \
                     ms.get_context("device_target") == "CPU":
                 candidates["transposed"] = None
@@ -143,7 +143,7 @@ class Generator:
     def _screen_tables(self) -> tuple[object, object] | None:
         import mindspore as ms
 
-        from .kernels.head import greedy_tables
+        from ..kernels.head import greedy_tables
 
         tables = greedy_tables(self.model.transformer.wte.weight.asnumpy())  # type: ignore[attr-defined]
         return None if tables is None else (ms.Tensor(tables[0]), ms.Tensor(tables[1]))
@@ -165,10 +165,10 @@ class Generator:
     def _cells_for(self, batch: int, max_len: int, prompt_len: int, greedy: bool) -> tuple[object, object]:
         """(prefill, decode) for a bucket; greedy decode graphs return token ids (and so does a greedy prefill on
         the screened head), the others logits. The bucket's graphs share its caches. Every cell sees one input
-        shape, so each runs in MindSpore's "increment" phase (re-entered without walking the cell tree: ~1 ms a
-        call saved on the tiny model's prefill)."""
-        from .memory import check_bucket
-        from .modeling import DecodeCell, KVCache, PrefillCell
+        shape, so each runs in MindSpore's "increment" phase (re-entered without walking the cell tree,
+        which matters on a small model's prefill)."""
+        from ..model.memory import check_bucket
+        from ..model.modeling import DecodeCell, KVCache, PrefillCell
 
         key = (batch, max_len)
         head_t = self._head_for(batch)
@@ -191,7 +191,7 @@ class Generator:
         return cells[prefill], cells[kind]
 
     def _compile(self, cell: object, args: tuple) -> None:
-        from .runtime import compile_cell
+        from ..model.runtime import compile_cell
 
         compile_cell(cell, args, {"config": self.config.model_dump(), "precision": self.model.precision})  # type: ignore
 
@@ -241,7 +241,7 @@ class Generator:
         """The cache-free path: the whole padded sequence through the network, logits at each row's last token."""
         import mindspore as ms
 
-        from .modeling import LastTokenCell
+        from ..model.modeling import LastTokenCell
 
         if self._last_token is None:
             self._last_token = LastTokenCell(self.model)

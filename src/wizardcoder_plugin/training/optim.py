@@ -96,7 +96,7 @@ class GradStats(nn.Cell):
             for g in grads:
                 running = self.sum_squares(g, running)
             return running.reshape(())
-        for g in grads:  # last axis first: MindSpore's CPU all-axes ReduceSum is ~10x slower on large tensors
+        for g in grads:  # last axis first: MindSpore's CPU all-axes ReduceSum is far slower on large tensors
             total = total + (g * g).sum(-1).sum()
         return total
 
@@ -120,7 +120,7 @@ class AdamW(nn.Cell):
     with g = accumulated gradient * grad_coef (unscaling, accumulation mean and clipping folded into one factor).
     bc1/bc2 come from the host: 1 - beta^t for torch's AdamW, 1 for the reference's FP32StateAdamWeightDecay.
 
-    The update is MindSpore's fused Adam kernel (ApplyAdam: one pass over p, m, v, g, ~10x faster on CPU than an
+    The update is MindSpore's fused Adam kernel (ApplyAdam: one pass over p, m, v, g, much faster on CPU than an
     elementwise composition or the AdamWeightDecay kernel) after the decoupled decay. Given beta^t = 1 - bc, it
     computes p - lr sqrt(bc2) / bc1 * m / (sqrt(v) + eps'), which is torch's update with eps' = eps sqrt(bc2).
     With `native` on CPU (fp32 parameters), each parameter's decay, scaling, update and accumulator reset are one

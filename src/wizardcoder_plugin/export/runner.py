@@ -13,8 +13,8 @@ import numpy as np
 
 from registry_spec.errors import BackendUnavailableError, InputError
 
-from .config import GPTBigCodeConfig
-from .export import ONNX_HINT, lite_in_process, sha256
+from ..model.config import GPTBigCodeConfig
+from .writer import ONNX_HINT, lite_in_process, sha256
 
 
 def read_manifest(folder: Path, backend: str) -> dict:
@@ -49,7 +49,7 @@ class _Runtime:
     def _load_mindir(self, name: str, path: Path) -> Callable:
         from mindspore import Tensor, nn
 
-        from .runtime import init_mindspore
+        from ..model.runtime import init_mindspore
 
         ms = init_mindspore()
         cell = nn.GraphCell(ms.load(str(path)))

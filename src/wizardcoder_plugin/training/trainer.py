@@ -27,10 +27,10 @@ from registry_spec.atomic import atomic_dir, write_jsonl
 from registry_spec.errors import InputError
 from registry_spec.specs import TrainResult
 
-from .config import GPTBigCodeConfig
+from ..model.config import GPTBigCodeConfig
+from ..weights import load_params, save_params
 from .preprocess import COLUMNS, read_mindrecord
 from .run_config import TrainSettings
-from .weights import load_params, save_params
 
 CKPT_PREFIX = "checkpoint-"
 StepCallback = Callable[[dict], None]
@@ -116,12 +116,12 @@ def _checkpoint_file(folder: Path, stem: str) -> Path:
 
 # ------------------------------------------------------------------------------------------------------ trainer
 def _native_training_kernels(model: object) -> object | None:
-    """On CPU, put every LayerNorm and MLP activation on the native kernels (MindSpore's CPU LayerNormGrad takes
-    ~14 ms per [1024, 768]; its composed GELU is ~15 elementwise passes forward and back); the kernels (for the
+    """On CPU, put every LayerNorm and MLP activation on the native kernels (MindSpore's CPU LayerNormGrad is slow
+    on training shapes; its composed GELU is ~15 elementwise passes forward and back); the kernels (for the
     optimizer too) where that was done, else None (no compiler, off CPU, or ZOO_NATIVE_KERNELS=0)."""
     import mindspore as ms
 
-    from .kernels import KernelUnavailable, native_kernels
+    from ..kernels import KernelUnavailable, native_kernels
 
     if ms.get_context("device_target") != "CPU":
         return None
@@ -162,9 +162,9 @@ class Trainer:
                  progress: bool = True) -> None:
         from mindspore import ParameterTuple, nn
 
-        from .memory import check, training_plan
+        from ..model.memory import check, training_plan
+        from ..model.runtime import build_model, init_mindspore
         from .optim import AccumulateGrads, AdamW, CausalLMLoss, ClearGrads, GradStats, LossScaler, fp32_zeros
-        from .runtime import build_model, init_mindspore
 
         init_mindspore()
         self.s, self.config, self.progress = settings, config, progress
@@ -186,7 +186,7 @@ class Trainer:
         if recorded.get("kernel_threads") and "ZOO_KERNEL_THREADS" not in os.environ:
             os.environ["ZOO_KERNEL_THREADS"] = str(recorded["kernel_threads"])  # read when the kernels load
         native = _native_training_kernels(self.model)
-        from .kernels.choices import choose_backwards, rank0_choices
+        from ..kernels.choices import choose_backwards, rank0_choices
 
         agree = (lambda chosen: rank0_choices(chosen, self.rank)) if self.world > 1 else None
         backwards = choose_backwards(self.model, settings.batch_size * seq, native,

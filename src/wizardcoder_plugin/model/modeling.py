@@ -57,8 +57,8 @@ class Dense(nn.Cell):
 class ChunkedBackwardDense(Dense):
     """ops.dense(x [M,K], W [N,K], b) whose backward splits the K axis into `chunks` products: dx = dy W and
     dW = dy^T x read W and x as row-major right operands of K columns, which MindSpore's CPU MatMul (oneDNN) runs
-    at a third of its speed for some shapes (1024 x 768 x 3072 on one Xeon: 82-92 ms for both products, 39-44 ms
-    in two chunks). The results are identical; the trainer times both once per shape and keeps the faster."""
+    at a fraction of its speed for some shapes (the MLP's at tiny_starcoder's size ran about twice as fast in two
+    chunks). The results are identical; the trainer times both once per shape and keeps the faster."""
 
     def __init__(self, chunks: int) -> None:
         super().__init__()
@@ -105,8 +105,8 @@ class DenseGrad(nn.Cell):
 
 class LayerNorm(nn.Cell):
     """LayerNorm over the last axis, always computed in fp32; on MindSpore's kernel, or on the native CPU one when
-    `native` is set (kernels.NativeKernels.layer_norm: the same math, with a backward ~15x faster than MindSpore's
-    LayerNormGrad on CPU; set before the graphs using it compile)."""
+    `native` is set (kernels.NativeKernels.layer_norm: the same math, with a backward an order of magnitude faster
+    than MindSpore's LayerNormGrad on CPU; set before the graphs using it compile)."""
 
     def __init__(self, hidden: int, eps: float) -> None:
         super().__init__()
@@ -198,8 +198,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, n_head: int, multi_que
 
 
 def split_last(x: Tensor, sizes: tuple[int, int, int]) -> tuple[Tensor, Tensor, Tensor]:
-    """x [..., a+b+c] -> its three consecutive pieces along the last axis (the CPU Slice kernel, <1 us, where
-    `split`'s StridedSlice takes up to ~45 us per piece). ops.slice, not ops.narrow: narrow's input check inside a
+    """x [..., a+b+c] -> its three consecutive pieces along the last axis (the CPU Slice kernel, far cheaper than
+    `split`'s StridedSlice per piece). ops.slice, not ops.narrow: narrow's input check inside a
     cell with a bprop (SplitLast) broke the compile of another bprop cell using narrow (ChunkedBackwardDense) in
     the same graph."""
     a, b, c = sizes
@@ -210,7 +210,7 @@ def split_last(x: Tensor, sizes: tuple[int, int, int]) -> tuple[Tensor, Tensor, 
 
 class SplitLast(nn.Cell):
     """`split_last` whose backward is one concat of the three gradients: autodiff's is a zero-filled SliceGrad per
-    piece and an AddN of the three (≈1.7 ms per layer of a tiny_starcoder training step)."""
+    piece and an AddN of the three, a measurable share of a small model's training step."""
 
     def __init__(self, a: int, b: int, c: int) -> None:
         super().__init__()
@@ -245,7 +245,7 @@ class GPTBigCodeAttention(nn.Cell):
     def split_fused(self, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`c_attn`'s output [B,S,E+2kv*d] -> (scaled q, k, v). HF's fused rows differ by variant: multi-query
         [q (H*d) | k (d) | v (d)], multi-head per head [q_h | k_h | v_h] (H x 3d). Training splits through the
-        `SplitLast` cell (its backward), inference inline (the cell made a tiny prefill 3x slower: 7 -> 20 ms)."""
+        `SplitLast` cell (its backward), inference inline (the cell made a tiny prefill several times slower)."""
         b, s, _ = fused.shape
         pieces = fused if self.multi_query else fused.reshape(b, s, self.n_head, -1)
         q, k, v = self.split(pieces) if self.training else split_last(pieces, self.split.sizes)
@@ -446,8 +446,8 @@ class PrefillCell(_CachedCell):
     at each row's last real token [B,V] (with `screen`: the greedy token ids [B]).
 
     With `native`, MindSpore's MatMul stays and what surrounds it runs on the native kernels: LayerNorm,
-    bias + residual, bias + GELU, one pass each instead of MindSpore's 2-6 elementwise kernels (measured on one
-    Xeon: ~40% of a 256-token tiny_starcoder prefill was those kernels; the prefill 1.3-1.6x faster without them)."""
+    bias + residual, bias + GELU, one pass each instead of MindSpore's 2-6 elementwise kernels, which were a large
+    share of a tiny_starcoder prefill."""
 
     def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None,
                  native: object | None = None, screen: tuple[Parameter, Parameter] | None = None) -> None:
@@ -456,7 +456,7 @@ class PrefillCell(_CachedCell):
 
     def dense(self, x: Tensor, linear: Linear, residual: Tensor | None = None, act: Activation | None = None) -> Tensor:
         """linear(x) (+ residual), or act(linear(x)): MindSpore's MatMul, then one native pass. (The native linear
-        kernel, faster alone for up to ~64 rows, made the whole prefill 5-40% slower here, measured on one Xeon.)"""
+        kernel, faster alone for a few dozen rows, made the whole prefill slower here.)"""
         shape = x.shape
         y = self.matmul_t(x.reshape(-1, shape[-1]), linear.weight)
         if act is not None:
@@ -518,7 +518,7 @@ class DecodeCell(_CachedCell):
         self.slots = Tensor(np.arange(cache.max_len, dtype=np.int32))
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.scores_2d = ops.MatMul(transpose_b=True)
-        self.argmax = ops.ArgMaxWithValue(axis=-1)  # first index of the max, like torch; ~2.5x Argmax's speed on CPU
+        self.argmax = ops.ArgMaxWithValue(axis=-1)  # first index of the max, like torch; faster than Argmax on CPU
         self.phase = "increment"
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:

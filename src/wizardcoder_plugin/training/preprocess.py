@@ -20,7 +20,7 @@ import numpy as np
 from registry_spec.errors import InputError
 from registry_spec.specs import PreprocessResult, PreprocessSpec
 
-from .templates import apply_template
+from ..text.templates import apply_template
 
 IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels")

@@ -19,7 +19,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from .modeling import GPTBigCodeForCausalLM, causal_mask
+from ..model.modeling import GPTBigCodeForCausalLM, causal_mask
 
 _NEG = -1e9  # additive mask bias: exp underflows to exactly 0 after the max subtraction
 _GELU_C = math.sqrt(2.0 / math.pi)

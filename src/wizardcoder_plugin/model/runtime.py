@@ -73,7 +73,7 @@ def _code_digest() -> str:
     import mindspore as ms
 
     h = hashlib.sha256(f"{ms.__version__}|{sys.version}".encode())
-    for f in sorted(Path(__file__).parent.rglob("*.py")):
+    for f in sorted(Path(__file__).parents[1].rglob("*.py")):  # the whole plugin package
         h.update(f.read_bytes())
     return h.hexdigest()
 
@@ -91,14 +91,14 @@ def _prune(root: Path, days: float = 30) -> None:
 def compile_cell(cell: object, args: tuple, key: dict) -> None:
     """Compile `cell` for `args` (once) through MindSpore's compile cache, in a folder of its own per graph: MindSpore
     files cached graphs by the order a process compiles them and checks only the entry script for changes, so a
-    shared folder hands a later run the wrong graph (measured: a prefill for another prompt length). `key` names
+    shared folder hands a later run the wrong graph (seen: the prefill of another prompt length). `key` names
     everything else the graph depends on (configuration, shapes, kernel build); the cell's parameter names,
     shapes and dtypes are added here. Concurrent runs take turns on a folder (flock)."""
     import fcntl
     import hashlib
     import json
 
-    from .kernels.choices import build_tag
+    from ..kernels.choices import build_tag
 
     if getattr(cell, "zoo_compiled", False):
         return
@@ -174,13 +174,13 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
                 seed: int = 0, allow_random: bool = False) -> object:
     """A GPTBigCodeForCausalLM with its weights loaded (or seeded random init for the tiny model)."""
     if precision == "fp32":  # the native kernels' compiler runs while MindSpore starts (once per machine)
-        from .kernels import prebuild
+        from ..kernels import prebuild
 
         prebuild()
     ms = init_mindspore()
-    from .mindformers_compat import register_if_loaded
+    from ..compat.mindformers import register_if_loaded
+    from ..weights import collect, load_into
     from .modeling import GPTBigCodeForCausalLM
-    from .weights import collect, load_into
 
     register_if_loaded()
     if precision == "bf16" and ms.get_context("device_target") == "CPU":
@@ -206,7 +206,7 @@ def save_random_init(model: str, config: GPTBigCodeConfig, path: Path, seed: int
     """Write the seeded random init of `model` as a MindSpore .safetensors checkpoint, atomically."""
     from registry_spec.atomic import atomic_path
 
-    from .weights import save_params
+    from ..weights import save_params
 
     with atomic_path(path) as tmp:
         save_params(build_model(model, config, None, seed=seed).get_parameters(), tmp)  # type: ignore

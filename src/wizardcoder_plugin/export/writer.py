@@ -19,8 +19,8 @@ from registry_spec.atomic import atomic_dir
 from registry_spec.errors import BackendUnavailableError, InputError
 from registry_spec.specs import ExportResult, ExportSpec
 
-from . import __version__
-from .config import GPTBigCodeConfig
+from .. import __version__
+from ..model.config import GPTBigCodeConfig
 
 BACKENDS = ("mindir", "onnx", "lite")
 GRAPHS = {"incremental": ("prefill", "decode"), "autoregressive": ("full",)}
@@ -99,7 +99,7 @@ def run_export(spec: ExportSpec, model: object, config: GPTBigCodeConfig, tokeni
                source: Path | None, seed: int = 0) -> ExportResult:
     import mindspore as ms
 
-    from .export_graphs import DecodeGraph, FullGraph, PrefillGraph, example_inputs
+    from .graphs import DecodeGraph, FullGraph, PrefillGraph, example_inputs
 
     if spec.backend not in BACKENDS:
         raise InputError(f"unknown export backend {spec.backend!r}", f"use one of {', '.join(BACKENDS)}")

@@ -59,7 +59,7 @@ class _HF:
     """transformers' GPTBigCodeForCausalLM (PyTorch eager), the reference engine, in a worker process of its own.
 
     Each engine gets a process, as a user runs it: in one process, PyTorch's and MindSpore's thread pools and
-    allocators were measured to slow each other down (MindSpore's decode ran 20-30% slower once HF had run
+    allocators slow each other down (MindSpore's decode ran markedly slower once HF had run
     beside it). Runs stay interleaved in time with ours, on the same machine, prompts and weights."""
 
     def __init__(self, hf_dir: Path) -> None:
@@ -261,7 +261,7 @@ def _our_engines(spec: BenchSpec, model: object, net: object, tok: object, seq_l
                  work: Path) -> dict[str, Callable[[int], object]]:
     """backend -> a factory of that engine for a batch size: the online graphs, or an exporter registered for the
     model (by any plugin) exporting into `work` once per batch size, then its runner."""
-    from .generate import Generator
+    from .online import Generator
 
     engines: dict[str, Callable[[int], object]] = {}
     for backend in spec.backends:
@@ -318,7 +318,7 @@ def _measure(spec: BenchSpec, config: object, engines: dict[str, Callable[[int],
 
 def _hf_copy(net: object, config: object, work: Path) -> Path:
     """The model's current weights as an HF checkpoint folder, for the reference engine."""
-    from .weights import convert, save_params
+    from ..weights import convert, save_params
 
     ckpt = work / "weights.safetensors"
     save_params(net.get_parameters(), ckpt)  # type: ignore[attr-defined]

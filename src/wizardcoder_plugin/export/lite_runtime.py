@@ -1,7 +1,7 @@
 """MindSpore Lite from Python 3.11: the Python 3.7 environment with mindspore-lite 2.0.0 (created on request), the
 ONNX fix-ups its converter needs, and a client for `lite_worker.py` running in that interpreter.
 
-`python -m wizardcoder_plugin.lite_runtime setup` creates the environment (about 20 s, 560 MB).
+`python -m wizardcoder_plugin.export.lite_runtime setup` creates the environment (about 20 s, 560 MB).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .lite_worker import read_array, write_array
 
 LITE_VERSION = "2.0.0"
 WORKER = Path(__file__).with_name("lite_worker.py")
-INSTALL_HINT = "python -m wizardcoder_plugin.lite_runtime setup   (or ZOO_LITE_PYTHON=/path/to/python3.7)"
+INSTALL_HINT = "python -m wizardcoder_plugin.export.lite_runtime setup   (or ZOO_LITE_PYTHON=/path/to/python3.7)"
 
 
 def default_env() -> Path:
@@ -51,7 +51,7 @@ def find_python37() -> str:
         if ok.returncode == 0:
             return c
     raise BackendUnavailableError("lite", "mindspore-lite 2.0.0 needs Python 3.7 and none was found",
-                                  "`pyenv install 3.7`, then `python -m wizardcoder_plugin.lite_runtime setup`")
+                                  "`pyenv install 3.7`, then `python -m wizardcoder_plugin.export.lite_runtime setup`")
 
 
 def setup(env: Path | None = None) -> Path:
@@ -141,7 +141,7 @@ class LiteWorker:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["setup"]:
-        sys.exit("usage: python -m wizardcoder_plugin.lite_runtime setup")
+        sys.exit("usage: python -m wizardcoder_plugin.export.lite_runtime setup")
     try:
         print(setup())
     except (BackendUnavailableError, subprocess.CalledProcessError) as exc:

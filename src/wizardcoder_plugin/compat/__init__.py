@@ -1,0 +1,1 @@
+"""Compatibility with mindformers (its registry), loaded only when mindformers is in use."""

@@ -1,0 +1,1 @@
+"""Evaluation: the MBPP / HumanEval protocol and the sandboxed execution of generated programs."""

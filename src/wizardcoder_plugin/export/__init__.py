@@ -1,0 +1,1 @@
+"""Export: fixed-shape graphs, the exported folder's writer and runner, MindSpore Lite's worker."""

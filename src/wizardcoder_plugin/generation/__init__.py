@@ -1,0 +1,1 @@
+"""Inference: the online engine on the MindSpore network, and the throughput benchmark."""

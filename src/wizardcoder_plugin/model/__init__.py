@@ -1,0 +1,1 @@
+"""The network, its architecture, building it in MindSpore, and the memory plan."""

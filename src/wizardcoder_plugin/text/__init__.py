@@ -1,0 +1,1 @@
+"""Text in and out: StarCoder's BPE tokenizer and WizardCoder's prompt templates."""
