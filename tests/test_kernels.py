@@ -72,7 +72,7 @@ def test_compile_error_is_reported_and_nothing_is_left(tmp_path, monkeypatch):
     bad = tmp_path / "broken.cc"
     bad.write_text('extern "C" int Linear( {\n')
     with pytest.raises(KernelUnavailable, match="(?s)compiling broken.cc with .* failed:.*error"):
-        build(bad)
+        build([bad])
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -461,4 +461,4 @@ def test_avx2_and_portable_builds_pass_the_kernel_tests(march, tmp_path):
          " and not builds"],
         env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert len(list(tmp_path.glob("cpu-*.so"))) == 1  # built for that target, not found in the default cache
+    assert len(list(tmp_path.glob("native-*.so"))) == 1  # built for that target, not found in the default cache

@@ -21,7 +21,7 @@ _HEAD_COPY_LIMIT = 512 * 2**20  # bytes: above this the copy's memory outweighs 
 class Generator:
     """Compiled graphs are cached per shape bucket and reused across calls.
 
-    `kernels` says what runs the graphs: "mindspore" (its own kernels), "native" (`kernels/cpu.cc`: each
+    `kernels` says what runs the graphs: "mindspore" (its own kernels), "native" (`kernels/native/`: each
     decode step of a block as one native call on multi-threaded small-row linear layers, the LM head on the same
     linear kernel, and the prefill's LayerNorm, bias, residual and GELU passes; CPU and fp32 only, compiled on
     first use), or "auto": on CPU in fp32, time the LM head both ways once per batch size and keep native unless

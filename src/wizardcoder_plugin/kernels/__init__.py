@@ -1,9 +1,12 @@
-"""Native CPU kernels: `cpu.cc` (multi-threaded small-row linear layers and, on them, a GPTBigCode block's
-decode step in one call and the screened greedy LM head; the prefill's epilogues; for training LayerNorm and GELU
-forward and backward, linear layers' backward and the AdamW update; its header says why), compiled on first use
-with the machine's C++ compiler and run inside MindSpore graphs as Custom "aot" ops.
+"""Native CPU kernels, the one seam where hand-written code replaces MindSpore's: C++ in `native/`, a file per job
+(`common.h`: SIMD vocabulary, the thread pool's interface, shared math; `pool.cc`: the fork-join pool;
+`linear.cc`: multi-threaded small-row linear layers, a GPTBigCode block's decode step in one call, the prefill's
+epilogues; `head.cc`: the screened greedy LM head; `gemm.cc`: the packed GEMM of linear layers' backward;
+`training.cc`: LayerNorm, GELU and cross-entropy forward and backward, the AdamW update), compiled in parallel
+on first use with the machine's C++ compiler, linked into one library, and run inside MindSpore graphs as Custom
+"aot" ops. `choices` holds every timing-based choice between these kernels and MindSpore's.
 
-The library is built once per (source, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
+The library is built once per (sources, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
 `~/.cache/zoo/kernels`), written atomically; `$ZOO_KERNEL_MARCH` picks the target (default `native`). Without a
 compiler, off x86-64/aarch64 Linux, or with `ZOO_NATIVE_KERNELS=0`, `native_kernels()` says why and decoding
 keeps MindSpore's own kernels.
@@ -19,18 +22,24 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-SOURCE = Path(__file__).with_name("cpu.cc")
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread")
+SOURCE_DIR = Path(__file__).with_name("native")
+SOURCES = tuple(sorted(SOURCE_DIR.glob("*.cc")))
+COMPILE_FLAGS = ("-O3", "-fPIC", "-std=c++17", "-pthread")
+LINK_FLAGS = ("-shared", "-pthread")
+Op = Callable[..., Any]  # a MindSpore Custom primitive: called inside graphs on Tensors
 
 
 def flags() -> tuple[str, ...]:
-    """The compiler flags: FLAGS and `-march=$ZOO_KERNEL_MARCH` (default `native`; e.g. `haswell` for the AVX2
-    path, `x86-64` for the portable C one)."""
-    return (*FLAGS, f"-march={os.environ.get('ZOO_KERNEL_MARCH') or 'native'}")
+    """The compile flags: COMPILE_FLAGS and `-march=$ZOO_KERNEL_MARCH` (default `native`; e.g. `haswell` for the
+    AVX2 path, `x86-64` for the portable C one)."""
+    return (*COMPILE_FLAGS, f"-march={os.environ.get('ZOO_KERNEL_MARCH') or 'native'}", f"-I{SOURCE_DIR}")
 
 
 class KernelUnavailable(RuntimeError):
@@ -39,24 +48,25 @@ class KernelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class NativeKernels:
-    """The compiled library and the Custom primitives built on it (fp32; the argument lists are in cpu.cc)."""
+    """The compiled library and the Custom primitives built on it (fp32; each entry point's argument list is above
+    it in `native/`)."""
 
     library: Path
     threads: int  # the pool's threads, the caller's included (ZOO_KERNEL_THREADS, else the CPUs it may use)
-    linear: object  # (x [M,K], W [N,K]) -> [M,N]
+    linear: Op  # (x [M,K], W [N,K]) -> [M,N]
     # (hidden [B,E], ln_1, c_attn, key/value caches (written in place), positions, c_proj, ln_2, c_fc, c_proj,
     # meta [eps, exact_gelu]) -> hidden
-    decode_layer: object
-    layer_norm: object  # (x [..., E], weight, bias, meta [eps]) -> y, differentiable (native backward)
-    gelu: object  # (x, meta [exact]) -> y, differentiable (native backward)
-    linear_backward: object  # (x [M,K], W [N,K], dy [M,N]) -> (dx = dy W, dW = dy^T x, db = sum of dy's rows)
+    decode_layer: Op
+    layer_norm: Op  # (x [..., E], weight, bias, meta [eps]) -> y, differentiable (native backward)
+    gelu: Op  # (x, meta [exact]) -> y, differentiable (native backward)
+    linear_backward: Op  # (x [M,K], W [N,K], dy [M,N]) -> (dx = dy W, dW = dy^T x, db = sum of dy's rows)
     # (logits [R,V], labels [R] int32, -100 ignored) -> (nll [R], log-sum-exp [R]); differentiable in nll
-    cross_entropy: object
-    bias_add: object  # (y [R,N], b [N], optional residual [R,N]) -> y + b (+ residual)
-    bias_gelu: object  # (y [R,N], b [N], meta [exact]) -> GELU(y + b)
-    sum_squares: object  # (g, total [1]) -> total + sum(g^2) [1]
-    adamw_step: object  # (p, m, v, g, hyper [7], decay [1]) -> done [1]; p, m, v updated and g zeroed in place
-    greedy_head: object  # (hidden [B,E], ln_f, W [V,E], Q int8 [V,E], info [V,3], meta [eps]) -> ids [B] int64
+    cross_entropy: Op
+    bias_add: Op  # (y [R,N], b [N], optional residual [R,N]) -> y + b (+ residual)
+    bias_gelu: Op  # (y [R,N], b [N], meta [exact]) -> GELU(y + b)
+    sum_squares: Op  # (g, total [1]) -> total + sum(g^2) [1]
+    adamw_step: Op  # (p, m, v, g, hyper [7], decay [1]) -> done [1]; p, m, v updated and g zeroed in place
+    greedy_head: Op  # (hidden [B,E], ln_f, W [V,E], Q int8 [V,E], info [V,3], meta [eps]) -> ids [B] int64
 
 
 def cache_dir() -> Path:
@@ -80,8 +90,19 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def build(source: Path = SOURCE) -> Path:
-    """Compile `source` into the cache (once per source, compiler, flags and CPU); the library's path."""
+def _compile(cxx: str, source: Path, obj: Path) -> None:
+    try:
+        done = subprocess.run([cxx, *flags(), "-c", str(source), "-o", str(obj)], capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        raise KernelUnavailable(f"compiling {source.name} with {cxx} timed out") from exc
+    if done.returncode != 0:
+        raise KernelUnavailable(f"compiling {source.name} with {cxx} failed:\n{done.stderr.strip()[-2000:]}")
+
+
+def build(sources: Sequence[Path] = SOURCES) -> Path:
+    """Compile `sources` (in parallel, one object each) and link them into the cache, once per sources, headers,
+    compiler, flags and CPU; the library's path."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
         raise KernelUnavailable(f"native kernels are built for Linux x86-64/aarch64, not {platform.system()} "
                                 f"{platform.machine()}")
@@ -90,27 +111,30 @@ def build(source: Path = SOURCE) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise KernelUnavailable(f"{cxx} --version failed: {exc}") from exc
-    key = hashlib.sha256("\0".join([source.read_text(), cxx, version, *flags(), _cpu_signature()]).encode())
-    target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    texts = [p.read_text() for p in (*sources, *sorted(SOURCE_DIR.glob("*.h")))]
+    key = hashlib.sha256("\0".join([*texts, cxx, version, *flags(), *LINK_FLAGS, _cpu_signature()]).encode())
+    target = cache_dir() / f"native-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     except OSError as exc:
         raise KernelUnavailable(f"cannot write the kernel cache {target.parent}: {exc} (set ZOO_KERNEL_CACHE to a "
                                 "writable folder)") from exc
-    os.close(fd)
     try:
-        done = subprocess.run([cxx, *flags(), str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        objects = [work / f"{i}-{s.stem}.o" for i, s in enumerate(sources)]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as compilers:
+            for job in [compilers.submit(_compile, cxx, s, o) for s, o in zip(sources, objects, strict=True)]:
+                job.result()  # the first failure, with the compiler's message
+        linked = work / "library.so"
+        done = subprocess.run([cxx, *LINK_FLAGS, *map(str, objects), "-o", str(linked)], capture_output=True,
+                              text=True, timeout=300)
         if done.returncode != 0:
-            raise KernelUnavailable(f"compiling {source.name} with {cxx} failed:\n{done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: a concurrent builder's identical file may win, either is complete
-    except subprocess.TimeoutExpired as exc:
-        raise KernelUnavailable(f"compiling {source.name} with {cxx} timed out") from exc
+            raise KernelUnavailable(f"linking the kernels with {cxx} failed:\n{done.stderr.strip()[-2000:]}")
+        os.replace(linked, target)  # atomic: a concurrent builder's identical file may win, either is complete
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 

@@ -12,10 +12,35 @@ resume reuses those (`training/trainer.py`): the cache only makes runs that star
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from . import cache_dir
+
+
+def fastest_call(cells: dict[object, Callable], args: tuple, rounds: int = 4, calls: int = 4) -> dict[object, float]:
+    """Each cell's fastest single call `cell(*args)` (seconds) over blocks of calls, the cells taking turns block by
+    block in an order that flips every round: the minimum resists the noise of a shared machine, blocks keep one
+    cell's weights warm while it is timed, and the flip keeps either from always following the other."""
+
+    def call(cell: Callable) -> None:
+        out = cell(*args)
+        (out[0] if isinstance(out, tuple) else out).asnumpy()  # waits for the graph
+
+    best = {name: float("inf") for name in cells}
+    for cell in cells.values():
+        call(cell)  # compiles
+    order = list(cells.items())
+    for _ in range(rounds):
+        for name, cell in order:
+            call(cell)
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                call(cell)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        order.reverse()
+    return best
 
 
 def _path() -> Path:
@@ -62,7 +87,6 @@ def head_layout(model: object, batch: int, candidates: list[str], native: object
     import numpy as np
 
     from ..model.modeling import LMHeadCell
-    from ..model.runtime import fastest_call
 
     wte = model.transformer.wte.weight  # type: ignore[attr-defined]
     key = f"{build_tag(native)}/head_layout/{wte.shape}/b{batch}/{wte.dtype}/{'+'.join(candidates)}"
@@ -99,7 +123,6 @@ def choose_backwards(model: object, rows: int, native: object | None, recorded: 
     import numpy as np
 
     from ..model.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
-    from ..model.runtime import fastest_call
 
     if ms.get_context("device_target") != "CPU":
         return {}

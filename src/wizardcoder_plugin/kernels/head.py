@@ -1,4 +1,4 @@
-"""The int8 screening copy of the LM head that `GreedyHead` (cpu.cc) reads to find the greedy token without
+"""The int8 screening copy of the LM head that `GreedyHead` (native/head.cc) reads to find the greedy token without
 reading all of the fp32 head: per-row scaled int8 weights and the per-row coefficients of the bound that makes
 the screen exact (the kernel re-scores the rows the bound cannot rule out on the fp32 weights)."""
 

@@ -9,7 +9,7 @@ Three entry points share the same blocks:
   (training, parity checks, the no-cache generation path);
 - `PrefillCell` / `DecodeCell` (sharing one `KVCache`): incremental inference with per-layer key and value caches
   held as Parameters and updated in place with ScatterUpdate, so a decode step moves no cache through the host;
-  on CPU the decode step's blocks can run on native kernels (`kernels/cpu.cc`, the same math in C++).
+  on CPU the decode step's blocks can run on native kernels (`kernels/native/`, the same math in C++).
 """
 
 from __future__ import annotations
@@ -506,9 +506,9 @@ class DecodeCell(_CachedCell):
     transposed by the score matmul (no cache slice or transpose), the mask is one additive bias computed once per
     step, and every query head sharing a key/value head is one batched matmul. With `native` the blocks and the
     LM head run on the native CPU kernels instead (`native_blocks`: 1 kernel per layer), and a greedy step given
-    `screen` picks its token with the native screened head (GreedyHead in cpu.cc). Its phase is "increment":
-    MindSpore then reuses the compiled graph without re-walking the cell tree on every call (fixed input shapes
-    per cell make that safe)."""
+    `screen` picks its token with the native screened head (GreedyHead in kernels/native/head.cc). Its phase is
+    "increment": MindSpore then reuses the compiled graph without re-walking the cell tree on every call (fixed
+    input shapes per cell make that safe)."""
 
     def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, greedy: bool = False,
                  head_t: Parameter | None = None, native: object | None = None,

@@ -7,7 +7,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,30 +27,6 @@ def init_mindspore() -> object:
 
     ms.set_context(mode=ms.GRAPH_MODE)
     return ms
-
-
-def fastest_call(cells: dict[object, Callable], args: tuple, rounds: int = 4, calls: int = 4) -> dict[object, float]:
-    """Each cell's fastest single call `cell(*args)` (seconds) over blocks of calls, the cells taking turns block by
-    block in an order that flips every round: the minimum resists the noise of a shared machine, blocks keep one
-    cell's weights warm while it is timed, and the flip keeps either from always following the other."""
-
-    def call(cell: Callable) -> None:
-        out = cell(*args)
-        (out[0] if isinstance(out, tuple) else out).asnumpy()  # waits for the graph
-
-    best = {name: float("inf") for name in cells}
-    for cell in cells.values():
-        call(cell)  # compiles
-    order = list(cells.items())
-    for _ in range(rounds):
-        for name, cell in order:
-            call(cell)
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                call(cell)
-                best[name] = min(best[name], time.perf_counter() - t0)
-        order.reverse()
-    return best
 
 
 def compile_cache_root() -> Path | None:
