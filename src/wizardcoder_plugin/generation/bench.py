@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,18 +40,18 @@ def prompts_for(batch: int, length: int, vocab: int, seed: int = 0) -> list[list
 class _Ours:
     """Online graphs or an exported folder, through the shared decoding loop."""
 
-    def __init__(self, gen: object, tok: object) -> None:
+    def __init__(self, gen: Any, tok: Any) -> None:
         self.gen, self.tok = gen, tok
 
     def run(self, prompts: list[list[int]], new: int) -> dict:
         from registry_spec.generation import GenerationConfig, generate
 
-        self.gen.max_batch = len(prompts)  # type: ignore[attr-defined]
+        self.gen.max_batch = len(prompts)
         t0 = time.perf_counter()
-        outs = generate(self.gen, prompts, GenerationConfig(max_new_tokens=new), NO_EOS,  # type: ignore[arg-type]
-                        self.tok.pad_token_id)  # type: ignore[attr-defined]
+        outs = generate(self.gen, prompts, GenerationConfig(max_new_tokens=new), NO_EOS,
+                        self.tok.pad_token_id)
         total = time.perf_counter() - t0
-        picked = self.gen.decode_kernels(len(prompts))  # type: ignore[attr-defined]
+        picked = self.gen.decode_kernels(len(prompts))
         return {"total_s": total, "prefill_ms": outs[0].prefill_ms, "decode_tokens_per_s": outs[0].decode_tokens_per_s,
                 "generated": sum(len(o.token_ids) for o in outs), "outputs": [o.token_ids for o in outs], **picked}
 
@@ -108,7 +109,7 @@ def reference_threads() -> int:
     return int(user) if user.isdigit() and int(user) > 0 else len(os.sched_getaffinity(0))
 
 
-def reference_torch(threads: int) -> object:
+def reference_torch(threads: int) -> Any:
     """torch, imported in a reference worker process and set to `threads` (see `reference_threads`)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
@@ -117,58 +118,58 @@ def reference_torch(threads: int) -> object:
     return torch
 
 
-def _hf_worker(hf_dir: str, conn: object, threads: int) -> None:
+def _hf_worker(hf_dir: str, conn: Any, threads: int) -> None:
     try:
         torch = reference_torch(threads)
         from transformers import GPTBigCodeForCausalLM
 
         model = GPTBigCodeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     except Exception as e:  # reported to the parent, which raises it with a fix
-        conn.send({"error": f"{type(e).__name__}: {e}"})  # type: ignore[attr-defined]
+        conn.send({"error": f"{type(e).__name__}: {e}"})
         return
-    conn.send({"ready": True})  # type: ignore[attr-defined]
-    while (job := conn.recv()) is not None:  # type: ignore[attr-defined]
+    conn.send({"ready": True})
+    while (job := conn.recv()) is not None:
         result = _hf_greedy(torch, model, *job)
         result["peak_rss_mb"] = _peak_rss_mb()
         result["threads"] = torch.get_num_threads()
-        conn.send(result)  # type: ignore[attr-defined]
+        conn.send(result)
 
 
-def _hf_greedy(torch: object, model: object, prompts: list[list[int]], new: int) -> dict:
+def _hf_greedy(torch: Any, model: Any, prompts: list[list[int]], new: int) -> dict:
     """Greedy with the KV cache, as a minimal loop over the model's forward (no `generate` overhead): prefill
     and decode timed separately, like ours."""
-    ids = torch.tensor(prompts, dtype=torch.long)  # type: ignore[attr-defined]
+    ids = torch.tensor(prompts, dtype=torch.long)
     outputs = []
-    with torch.inference_mode():  # type: ignore[attr-defined]
+    with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)  # type: ignore[operator]
+        out = model(input_ids=ids, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         prefill = time.perf_counter() - t0
         past = out.past_key_values
         outputs.append(token)
         t1 = time.perf_counter()
         for _ in range(new - 1):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)  # type: ignore[operator]
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
             past = out.past_key_values
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             outputs.append(token)
         decode_s = time.perf_counter() - t1
     return {"total_s": prefill + decode_s, "prefill_ms": prefill * 1e3,
             "decode_tokens_per_s": ids.shape[0] * (new - 1) / decode_s if new > 1 else 0.0,
-            "generated": ids.shape[0] * new, "outputs": torch.cat(outputs, dim=1).tolist()}  # type: ignore
+            "generated": ids.shape[0] * new, "outputs": torch.cat(outputs, dim=1).tolist()}
 
 
 _ENGINE_KEYS = ("threads", "kernels", "kernel_threads", "greedy_head", "head_layout")  # what an engine ran on
 
 
-def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_s: float, tok: object,
+def _median_row(backend: str, batch: int, length: int, runs: list[dict], warmup_s: float, tok: Any,
                 prompt_len: int) -> BenchRow:
     total = statistics.median(r["total_s"] for r in runs)
     generated = runs[0]["generated"]
     t0 = time.perf_counter()
-    tok.encode_batch(["x " * prompt_len] * batch)  # type: ignore[attr-defined]
+    tok.encode_batch(["x " * prompt_len] * batch)
     for ids in runs[0]["outputs"]:
-        tok.decode(ids)  # type: ignore[attr-defined]
+        tok.decode(ids)
     tok_s = time.perf_counter() - t0
     return BenchRow(
         backend=backend, batch_size=batch, total_length=length,
@@ -223,14 +224,14 @@ def plot(rows: list[BenchRow], path: Path) -> bool:
     return True
 
 
-def run_bench(spec: BenchSpec, model: object, config: object, net: object, tok: object, source: Path | None,
+def run_bench(spec: BenchSpec, model: Any, config: Any, net: Any, tok: Any, source: Path | None,
               log: Callable[[str], None]) -> BenchResult:
     lengths = sorted(spec.lengths)
     if any(length <= spec.prompt_length for length in lengths):
         raise InputError(f"every --lengths value must exceed --prompt-length {spec.prompt_length}",
                          "e.g. --prompt-length 32 --lengths 64,128,256")
-    if lengths[-1] > config.n_positions:  # type: ignore[attr-defined]
-        raise InputError(f"length {lengths[-1]} exceeds the model's {config.n_positions} positions",  # type: ignore
+    if lengths[-1] > config.n_positions:
+        raise InputError(f"length {lengths[-1]} exceeds the model's {config.n_positions} positions",
                          "lower --lengths")
     unknown = [c for c in spec.compare if c != "hf"]
     if unknown:
@@ -257,47 +258,47 @@ def run_bench(spec: BenchSpec, model: object, config: object, net: object, tok: 
     return result
 
 
-def _our_engines(spec: BenchSpec, model: object, net: object, tok: object, seq_length: int,
-                 work: Path) -> dict[str, Callable[[int], object]]:
+def _our_engines(spec: BenchSpec, model: Any, net: Any, tok: Any, seq_length: int,
+                 work: Path) -> dict[str, Callable[[int], Any]]:
     """backend -> a factory of that engine for a batch size: the online graphs, or an exporter registered for the
     model (by any plugin) exporting into `work` once per batch size, then its runner."""
     from .online import Generator
 
-    engines: dict[str, Callable[[int], object]] = {}
+    engines: dict[str, Callable[[int], Any]] = {}
     for backend in spec.backends:
         if backend == "online":
-            engines["online"] = lambda b: _Ours(Generator(net, NO_EOS, tok.pad_token_id, max_batch=b), tok)  # type: ignore
+            engines["online"] = lambda b: _Ours(Generator(net, NO_EOS, tok.pad_token_id, max_batch=b), tok)
             continue
-        exporter = model.component("exporter", backend)  # type: ignore[attr-defined]
+        exporter = model.component("exporter", backend)
 
-        def make(b: int, backend: str = backend, exporter: object = exporter) -> _Ours:
+        def make(b: int, backend: str = backend, exporter: Any = exporter) -> _Ours:
             out = work / f"{backend}-b{b}"
             if not out.exists():
-                exporter.export(model, ExportSpec(model=model.name, backend=backend, weights=spec.weights,  # type: ignore
+                exporter.export(model, ExportSpec(model=model.name, backend=backend, weights=spec.weights,
                                                   config=spec.config, output_dir=out, batch_size=b,
                                                   seq_length=seq_length))
-            return _Ours(exporter.runner(model, out), tok)  # type: ignore[attr-defined]
+            return _Ours(exporter.runner(model, out), tok)
         engines[backend] = make
     return engines
 
 
-def _measure(spec: BenchSpec, config: object, engines: dict[str, Callable[[int], object]], lengths: list[int],
-             tok: object, log: Callable[[str], None]) -> list[BenchRow]:
+def _measure(spec: BenchSpec, config: Any, engines: dict[str, Callable[[int], Any]], lengths: list[int],
+             tok: Any, log: Callable[[str], None]) -> list[BenchRow]:
     rows: list[BenchRow] = []
     for batch in spec.batch_sizes:
         built = {name: make_engine(batch) for name, make_engine in engines.items()}
         for length in lengths:
-            prompts = prompts_for(batch, spec.prompt_length, config.vocab_size)  # type: ignore[attr-defined]
+            prompts = prompts_for(batch, spec.prompt_length, config.vocab_size)
             new = length - spec.prompt_length
             warm: dict[str, float] = {}
             for name, eng in built.items():
                 t0 = time.perf_counter()
-                eng.run(prompts, new)  # type: ignore[attr-defined]
+                eng.run(prompts, new)
                 warm[name] = time.perf_counter() - t0
             runs: dict[str, list[dict]] = {name: [] for name in built}
             for _ in range(spec.repeats):
                 for name, eng in built.items():  # interleaved: drift hits every engine alike
-                    runs[name].append(eng.run(prompts, new))  # type: ignore[attr-defined]
+                    runs[name].append(eng.run(prompts, new))
             for name in built:
                 row = _median_row(name, batch, length, runs[name], warm[name], tok, spec.prompt_length)
                 rows.append(row)
@@ -316,12 +317,12 @@ def _measure(spec: BenchSpec, config: object, engines: dict[str, Callable[[int],
     return rows
 
 
-def _hf_copy(net: object, config: object, work: Path) -> Path:
+def _hf_copy(net: Any, config: Any, work: Path) -> Path:
     """The model's current weights as an HF checkpoint folder, for the reference engine."""
     from ..weights import convert, save_params
 
     ckpt = work / "weights.safetensors"
-    save_params(net.get_parameters(), ckpt)  # type: ignore[attr-defined]
-    convert(ckpt, work / "hf", config, to="hf", progress=False)  # type: ignore[arg-type]
+    save_params(net.get_parameters(), ckpt)
+    convert(ckpt, work / "hf", config, to="hf", progress=False)
     return work / "hf"
 

@@ -1,6 +1,10 @@
 """Safetensors files read tensor by tensor from their header and written streaming: one file, or HF's shards
 (`model-00001-of-00003.safetensors` + `model.safetensors.index.json`). Writing holds one tensor at a time, so the
-peak memory does not grow with the model."""
+peak memory does not grow with the model.
+
+Not the `safetensors` library: its readers hand out a copy of each tensor (no view of the file's pages, which
+`weights.loading` maps into parameters without a copy) and its writers take every tensor at once (no bounded-
+memory conversion); numpy has no bf16 either. The tests read this module's files with the library."""
 
 from __future__ import annotations
 
