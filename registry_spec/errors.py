@@ -75,7 +75,7 @@ class WeightsUnavailableError(ZooError):
         paths = "\n  ".join(str(s) for s in searched) or "(nothing)"
         super().__init__(
             f"{what} not found; searched:\n  {paths}",
-            hint or "pass --weights with a MindSpore .ckpt or an HF checkpoint directory",
+            hint or "pass --weights with a checkpoint file or folder (see `zoo show MODEL` for its converters)",
         )
         self.searched = list(searched)
 
