@@ -68,27 +68,28 @@ def compile_cell(cell: object, args: tuple, key: dict) -> None:
     files cached graphs by the order a process compiles them and checks only the entry script for changes, so a
     shared folder hands a later run the wrong graph (seen: the prefill of another prompt length). `key` names
     everything else the graph depends on (configuration, shapes, kernel build); the cell's parameter names,
-    shapes and dtypes are added here. Concurrent runs take turns on a folder (flock)."""
+    shapes and dtypes are added here. Concurrent runs take turns on a folder (flock).
+
+    Graphs with the native kernels (Custom aot ops) are compiled without the cache: loaded from it in a later
+    process, they returned wrong tokens in some sequences (a machine's first run, with the kernels built and the
+    head layout timed in it; tests/test_generate.py and the second plugin's conformance run reproduce it), and the
+    cause inside MindSpore 2.9 is not known."""
     import fcntl
     import hashlib
     import json
-
-    from ..kernels.choices import build_tag
 
     if getattr(cell, "zoo_compiled", False):
         return
     cell.zoo_compiled = True  # type: ignore[attr-defined]
     init_mindspore()
     root = compile_cache_root()
-    if root is None:
+    native = getattr(cell, "native", None)  # the native kernels' build (library path, source, flags)
+    if root is None or native is not None:
         cell.compile(*args)  # type: ignore[attr-defined]
         return
-    native = getattr(cell, "native", None)  # the native kernels' build (library path, source, flags)
     params = [(p.name, tuple(p.shape), str(p.dtype)) for p in cell.get_parameters()]  # type: ignore[attr-defined]
     shapes = [(tuple(a.shape), str(a.dtype)) for a in args]
-    blob = json.dumps([_code_digest(), type(cell).__name__, key, shapes, params,
-                       build_tag(native) if native is not None else None,
-                       str(getattr(native, "library", ""))], sort_keys=True, default=str)  # graphs name its path
+    blob = json.dumps([_code_digest(), type(cell).__name__, key, shapes, params], sort_keys=True, default=str)
     folder = root / hashlib.sha256(blob.encode()).hexdigest()[:24]
     try:
         if not folder.exists():
