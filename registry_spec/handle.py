@@ -31,11 +31,6 @@ class RegisteredComponent:
                 **extra}
 
 
-# capability -> how the resolved components provide it
-def _has_model_method(h: ModelHandle, method: str) -> bool:
-    return any(callable(getattr(h.load(c), method, None)) for c in h.candidates("model")[:1])
-
-
 @dataclass
 class ModelHandle:
     """What a command works with: `component(kind, name)` resolves and loads one, `config` / `tokenizer` /
@@ -103,9 +98,16 @@ class ModelHandle:
         caps = {"convert": has["converter"], "preprocess": has["dataset"] and has["tokenizer"], "predict": predict,
                 "export": has["exporter"] and has["config"], "eval": has["task"] and predict}
         if has["model"]:
-            caps["train"] = caps["finetune"] = _has_model_method(self, "trainer")
-            caps["bench"] = _has_model_method(self, "bench")
+            caps["train"] = caps["finetune"] = self._model_has("trainer")
+            caps["bench"] = self._model_has("bench")
         return [c for c in CAPABILITIES if caps.get(c)]
+
+    def _model_has(self, method: str) -> bool:
+        """Whether the model component the commands would use (same resolution) has `method`."""
+        try:
+            return callable(getattr(self.component("model"), method, None))
+        except (AmbiguousComponentError, ComponentNotFoundError):
+            return False
 
     # ---------------------------------------------------------------------------------------- compositions
     def config(self, path: Path | None = None) -> Any:
