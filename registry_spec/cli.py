@@ -14,7 +14,7 @@ from typing import Any
 from . import __spec_version__
 from .errors import InputError, SpecValidationError, ZooError
 
-GENERIC = ("convert", "preprocess", "train", "predict", "export", "eval", "bench")
+GENERIC = ("convert", "preprocess", "train", "predict", "export", "eval", "bench", "serve")
 HELP = {
     "convert": "convert weights between the formats the model's converters name",
     "preprocess": "tokenize a dataset for training",
@@ -23,6 +23,7 @@ HELP = {
     "export": "export graphs for offline inference",
     "eval": "evaluate on a task registered for the model",
     "bench": "measure throughput",
+    "serve": "serve an OpenAI-compatible HTTP API (completions, chat, fill-in-the-middle)",
 }
 
 

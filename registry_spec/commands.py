@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
-from .errors import CapabilityNotSupportedError, InputError
+from .errors import BackendUnavailableError, CapabilityNotSupportedError, InputError
 from .handle import ModelHandle, RegisteredComponent
 from .predict import run_predict
 from .specs import (
@@ -19,6 +19,7 @@ from .specs import (
     ExportSpec,
     PredictSpec,
     PreprocessSpec,
+    ServeSpec,
     TrainSpec,
     required_capability,
 )
@@ -73,9 +74,19 @@ def bench(h: ModelHandle, spec: BenchSpec) -> BaseModel:
     return h.component("model").bench(h, spec)
 
 
+def serve(h: ModelHandle, spec: ServeSpec) -> BaseModel:
+    try:
+        from .serving.server import serve as run_server
+    except ImportError as exc:
+        raise BackendUnavailableError("serve", f"the HTTP stack is not installed (no module {exc.name!r})",
+                                      "pip install fastapi uvicorn sse-starlette (the project's `serve` extra)"
+                                      ) from None
+    return run_server(h, spec)
+
+
 RUNNERS: dict[str, Callable[[ModelHandle, BaseModel], BaseModel]] = {
     "convert": convert, "preprocess": preprocess, "train": train, "predict": predict, "export": export,
-    "eval": evaluate, "bench": bench,  # type: ignore[dict-item]
+    "eval": evaluate, "bench": bench, "serve": serve,  # type: ignore[dict-item]
 }
 
 

@@ -86,6 +86,16 @@ class TokenizerComponent(Protocol):
         """`text` in the prompt template `template` ('none': unchanged); `extra` fills an input slot."""
 
 
+class TokenizerExtras(Protocol):
+    """Optional methods of a tokenizer component (`zoo serve` answers 400 where one is missing)."""
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        """Messages {"role": system | user | assistant, "content"} (the last from the user) as one prompt."""
+
+    def format_infill(self, prefix: str, suffix: str) -> str:
+        """A fill-in-the-middle prompt: the model generates what goes between `prefix` and `suffix`."""
+
+
 @runtime_checkable
 class Trainer(Protocol):
     def train(self, callbacks: list[Callable[[dict], None]] | None = None) -> TrainResult: ...

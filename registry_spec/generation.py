@@ -20,7 +20,11 @@ from .errors import InputError
 @runtime_checkable
 class Engine(Protocol):
     """Runs a network over right-padded rows. Outputs are fp32 logits [B, V], or token ids [B] where `greedy`
-    allowed the engine to pick the argmax itself (the fast path)."""
+    allowed the engine to pick the argmax itself (the fast path).
+
+    An engine may also have `join(cache, slots, ids, lengths, greedy) -> outputs`: prefill rows `ids` [k, T] into
+    the rows `slots` [k] of a running cache, leaving the other rows as they are. With it a running batch takes new
+    rows between steps (continuous batching, `zoo serve`); without it new rows wait until the batch is empty."""
 
     context_length: int  # tokens a row may hold, prompt and generated
     max_batch: int  # rows per call
@@ -32,8 +36,9 @@ class Engine(Protocol):
         """Rows `ids` [B, T] (int32) of `lengths` [B] tokens: the outputs at each row's last token, and a cache
         handle for `step` sized for `max_len` tokens a row."""
 
-    def step(self, cache: Any, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Write `tokens` [B] at `positions` [B] (per row) and return the outputs there."""
+    def step(self, cache: Any, tokens: np.ndarray, positions: np.ndarray, greedy: bool | None = None) -> np.ndarray:
+        """Write `tokens` [B] at `positions` [B] (per row) and return the outputs there (`greedy`: whether ids
+        will do, for this step; None: as the prefill said)."""
 
 
 @dataclass
@@ -117,6 +122,162 @@ def check_prompt(ids: list[int], context: int, truncate: bool) -> list[int]:
     return ids
 
 
+
+@dataclass
+class Row:
+    """One sequence in a running batch: its prompt, its own selection settings and random stream, its callbacks,
+    and what it generated. Rows sharing one `cfg` and `rng` are selected together (as `generate`'s batch is)."""
+
+    prompt: list[int]
+    cfg: GenerationConfig
+    rng: np.random.Generator
+    on_token: Callable[[int], None] | None = None  # each accepted id, as it is accepted
+    should_stop: Callable[[list[int]], bool] | None = None  # whether the ids so far end the row
+    logprobs: list[float] | None = None  # a list to collect each chosen token's log-probability into
+    generated: list[int] = field(default_factory=list)
+    finish: str | None = None  # eos | stop | length | cancelled
+    position: int = 0  # where the next token is written
+    pending: Any = None  # the output at the last written position: logits [V] or a token id
+    prefill_ms: float = 0.0
+    cancelled: bool = False  # set from any thread: the row leaves at the next step boundary
+
+    def needs_logits(self) -> bool:
+        return self.logprobs is not None or not in_graph_greedy(self.cfg)
+
+
+def _log_softmax_at(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    top = logits.max(axis=-1, keepdims=True)
+    norm = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
+    return logits[np.arange(len(tokens)), tokens] - norm
+
+
+class Batch:
+    """Rows in the slots of one engine cache of `size` rows and `max_len` tokens a row. `admit` prefills rows:
+    into an empty batch all at once (`prefill`), into a running one through the engine's `join` (one row a call,
+    so a row's prefill never depends on the others). `step` selects every row's next token, finishes rows, and
+    writes the remaining rows' tokens in one engine step. Only one thread may call these."""
+
+    def __init__(self, engine: Engine, eos: int, pad: int, size: int, max_len: int) -> None:
+        self.engine, self.eos, self.pad = engine, eos, pad
+        self.size, self.max_len = size, max_len
+        self.slots: list[Row | None] = [None] * size
+        self.cache: Any = None
+        self.can_join = callable(getattr(engine, "join", None))
+
+    @property
+    def rows(self) -> list[Row]:
+        return [r for r in self.slots if r is not None]
+
+    def free(self) -> int:
+        """How many rows `admit` takes now."""
+        if not self.rows:
+            return self.size
+        return self.slots.count(None) if self.can_join and self.cache is not None else 0
+
+    def open(self, use_cache: bool = True) -> None:
+        """Make the cache with no rows (so every later row joins): a prefill of padding, which also compiles."""
+        self._prefill([], greedy=True, use_cache=use_cache)
+
+    def admit(self, rows: Sequence[Row], greedy: bool | None = None, use_cache: bool = True) -> None:
+        if len(rows) > self.free():
+            raise ValueError(f"{len(rows)} rows, {self.free()} free slots")
+        if self.rows or (self.cache is not None and self.can_join):
+            for row in rows:
+                self._join(row)
+            return
+        self._prefill(list(rows), greedy=not any(r.needs_logits() for r in rows) if greedy is None else greedy,
+                      use_cache=use_cache)
+
+    def _prompt_len(self, rows: Sequence[Row]) -> int:
+        longest = max((len(r.prompt) for r in rows), default=1)
+        return self.engine.fixed_length or bucket(longest, 16, self.max_len)
+
+    def _prefill(self, rows: list[Row], greedy: bool, use_cache: bool) -> None:
+        ids = np.full((self.size, self._prompt_len(rows)), self.pad, dtype=np.int32)
+        lengths = np.ones(self.size, dtype=np.int32)
+        for slot, row in enumerate(rows):
+            ids[slot, : len(row.prompt)] = row.prompt
+            lengths[slot] = len(row.prompt)
+        t0 = time.perf_counter()
+        out, self.cache = self.engine.prefill(ids, lengths, self.max_len, greedy, use_cache)
+        ms = (time.perf_counter() - t0) * 1e3
+        self.slots = [None] * self.size
+        for slot, row in enumerate(rows):
+            self._place(slot, row, out[slot], ms)
+
+    def _join(self, row: Row) -> None:
+        slot = self.slots.index(None)
+        ids = np.full((1, self._prompt_len([row])), self.pad, dtype=np.int32)
+        ids[0, : len(row.prompt)] = row.prompt
+        t0 = time.perf_counter()
+        out = self.engine.join(self.cache, np.array([slot], dtype=np.int32), ids,  # type: ignore[attr-defined]
+                               np.array([len(row.prompt)], dtype=np.int32), not row.needs_logits())
+        self._place(slot, row, out[0], (time.perf_counter() - t0) * 1e3)
+
+    def _place(self, slot: int, row: Row, out: Any, ms: float) -> None:
+        row.pending, row.position, row.prefill_ms = out, len(row.prompt), ms
+        self.slots[slot] = row
+
+    def step(self) -> list[Row]:
+        """One step: every row's next token (rows that end, or were cancelled, leave); the rows that ended."""
+        live = [(s, r) for s, r in enumerate(self.slots) if r is not None]
+        done: list[Row] = []
+        for _, row in live:
+            if row.cancelled:
+                row.finish = "cancelled"
+        chosen = self._select([r for _, r in live if r.finish is None])
+        tokens = np.full(self.size, self.pad, dtype=np.int32)
+        positions = np.zeros(self.size, dtype=np.int32)
+        for s, row in live:
+            if row.finish is None:
+                self._accept(row, chosen[id(row)])
+            if row.finish is not None:
+                self.slots[s] = None
+                done.append(row)
+            else:
+                tokens[s], positions[s] = row.generated[-1], row.position
+        remaining = [(s, r) for s, r in live if r.finish is None]
+        if remaining:
+            greedy = not any(r.needs_logits() for _, r in remaining)
+            out = self.engine.step(self.cache, tokens, positions, greedy)
+            for s, row in remaining:
+                row.pending, row.position = out[s], min(row.position + 1, self.max_len - 1)
+        return done
+
+    def _select(self, rows: list[Row]) -> dict[int, int]:
+        """Each row's next token from its pending output; rows sharing settings and a random stream together."""
+        groups: dict[tuple[int, int], list[Row]] = {}
+        for row in rows:
+            groups.setdefault((id(row.cfg), id(row.rng)), []).append(row)
+        chosen: dict[int, int] = {}
+        for group in groups.values():
+            if np.ndim(group[0].pending) == 0:  # the engine picked greedy ids itself
+                picked = np.array([int(r.pending) for r in group])
+            else:
+                logits = np.stack([np.asarray(r.pending, dtype=np.float32) for r in group])
+                picked = select_tokens(logits, [r.prompt + r.generated for r in group], group[0].cfg, group[0].rng)
+                wants = [i for i, r in enumerate(group) if r.logprobs is not None]
+                if wants:
+                    lp = _log_softmax_at(logits[wants], picked[wants])
+                    for i, v in zip(wants, lp, strict=True):
+                        group[i].logprobs.append(float(v))  # type: ignore[union-attr]
+            chosen.update((id(r), int(t)) for r, t in zip(group, picked, strict=True))
+        return chosen
+
+    def _accept(self, row: Row, tok: int) -> None:
+        row.generated.append(tok)
+        if row.on_token:
+            row.on_token(tok)
+        cfg = row.cfg
+        if tok == self.eos:
+            row.finish = "eos"
+        elif row.should_stop and row.should_stop(row.generated):
+            row.finish = "stop"
+        elif (len(row.generated) >= cfg.max_new_tokens or row.position + 1 >= self.max_len
+              or (cfg.max_length and len(row.prompt) + len(row.generated) >= cfg.max_length)):
+            row.finish = "length"
+
+
 def generate(engine: Engine, prompts: Sequence[list[int]], cfg: GenerationConfig, eos: int, pad: int,
              on_token: Callable[[int, int], None] | None = None,
              should_stop: Callable[[int, list[int]], bool] | None = None) -> list[GenerationOutput]:
@@ -126,61 +287,29 @@ def generate(engine: Engine, prompts: Sequence[list[int]], cfg: GenerationConfig
     per_call = min(engine.max_batch, engine.fixed_batch or engine.max_batch)
     outs: list[GenerationOutput] = []
     for start in range(0, len(prompts), per_call):
-        stream = (lambda r, t, s=start: on_token(s + r, t)) if on_token else None
-        stop = (lambda r, ids, s=start: should_stop(s + r, ids)) if should_stop else None
-        outs.extend(_generate_chunk(engine, prompts[start: start + per_call], cfg, rng, eos, pad, stream, stop))
+        rows = [Row(p, cfg, rng, on_token=(lambda t, i=i: on_token(i, t)) if on_token else None,
+                    should_stop=(lambda ids, i=i: should_stop(i, ids)) if should_stop else None)
+                for i, p in enumerate(prompts[start: start + per_call], start)]
+        outs.extend(_run(engine, rows, eos, pad))
     return outs
 
 
-def _generate_chunk(engine: Engine, prompts: list[list[int]], cfg: GenerationConfig, rng: np.random.Generator,
-                    eos: int, pad: int, on_token: Callable | None,
-                    should_stop: Callable | None) -> list[GenerationOutput]:
-    n, ctx = len(prompts), engine.context_length
-    batch = engine.fixed_batch or bucket(n, 1, max(engine.max_batch, n))
-    longest = max(len(p) for p in prompts)
-    prompt_len = engine.fixed_length or bucket(longest, 16, ctx)
-    max_len = engine.fixed_length or max(bucket(longest + cfg.max_new_tokens, 64, ctx), prompt_len)
-    lengths = np.array([len(p) for p in prompts] + [1] * (batch - n), dtype=np.int32)
-    ids = np.full((batch, prompt_len), pad, dtype=np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = p
-    t0 = time.perf_counter()
-    out, cache = engine.prefill(ids, lengths, max_len, in_graph_greedy(cfg), cfg.use_cache)
-    prefill_ms = (time.perf_counter() - t0) * 1e3
-
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    history = [list(p) for p in prompts] + [[pad]] * (batch - n)
-    finish: list[str | None] = [None] * n + ["length"] * (batch - n)
-    positions = lengths.copy()
-    t1, steps, tokens_at_t1 = time.perf_counter(), 0, 0
-    while True:
-        tokens = out.astype(np.int32) if out.ndim == 1 else select_tokens(out, history, cfg, rng).astype(np.int32)
-        for r in range(n):
-            if finish[r] is not None:
-                tokens[r] = pad
-                continue
-            tok = int(tokens[r])
-            generated[r].append(tok)
-            history[r].append(tok)
-            if on_token:
-                on_token(r, tok)
-            if tok == eos:
-                finish[r] = "eos"
-            elif should_stop and should_stop(r, generated[r]):
-                finish[r] = "stop"
-            elif (len(generated[r]) >= cfg.max_new_tokens or positions[r] + 1 >= max_len
-                  or (cfg.max_length and lengths[r] + len(generated[r]) >= cfg.max_length)):
-                finish[r] = "length"
-        if all(f is not None for f in finish):
-            break
-        tokens[n:] = pad
-        out = engine.step(cache, tokens, positions)
-        positions = np.minimum(positions + 1, max_len - 1)
+def _run(engine: Engine, rows: list[Row], eos: int, pad: int) -> list[GenerationOutput]:
+    """One batch of rows from prefill to their ends (the shapes bucketed to the rows)."""
+    ctx, cfg, n = engine.context_length, rows[0].cfg, len(rows)
+    longest = max(len(r.prompt) for r in rows)
+    size = engine.fixed_batch or bucket(n, 1, max(engine.max_batch, n))
+    max_len = engine.fixed_length or max(bucket(longest + cfg.max_new_tokens, 64, ctx), bucket(longest, 16, ctx))
+    batch = Batch(engine, eos, pad, size, max_len)
+    batch.admit(rows, greedy=in_graph_greedy(cfg), use_cache=cfg.use_cache)
+    steps, t1, tokens_at_t1 = 0, time.perf_counter(), 0
+    while batch.rows:
+        batch.step()
         steps += 1
         if steps == 1:  # the first step may compile its graph: time the steady state only
-            t1, tokens_at_t1 = time.perf_counter(), sum(len(g) for g in generated[:n])
+            t1, tokens_at_t1 = time.perf_counter(), sum(len(r.generated) for r in rows)
     decode_s = time.perf_counter() - t1
-    total_new = sum(len(g) for g in generated[:n])
-    rate = (total_new - tokens_at_t1) / decode_s if steps > 1 and decode_s > 0 else 0.0
-    return [GenerationOutput(generated[r], finish[r] or "length", prompt_tokens=int(lengths[r]),
-                             prefill_ms=prefill_ms, decode_tokens_per_s=rate) for r in range(n)]
+    total = sum(len(r.generated) for r in rows)
+    rate = (total - tokens_at_t1) / decode_s if steps > 2 and decode_s > 0 else 0.0
+    return [GenerationOutput(r.generated, r.finish or "length", prompt_tokens=len(r.prompt),
+                             prefill_ms=r.prefill_ms, decode_tokens_per_s=rate) for r in rows]

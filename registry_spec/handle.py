@@ -122,6 +122,20 @@ class ModelHandle:
     def format_prompt(self, text: str, template: str, extra: str = "") -> str:
         return self.component("tokenizer").format_prompt(text, template, extra)
 
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        """Chat messages ({"role", "content"}) as one prompt, by the tokenizer component's `format_chat`."""
+        return self._optional("format_chat", "a chat template")(messages)
+
+    def format_infill(self, prefix: str, suffix: str) -> str:
+        """A fill-in-the-middle prompt, by the tokenizer component's `format_infill`."""
+        return self._optional("format_infill", "a fill-in-the-middle format")(prefix, suffix)
+
+    def _optional(self, method: str, what: str) -> Callable[..., str]:
+        fn = getattr(self.component("tokenizer"), method, None)
+        if not callable(fn):
+            raise InputError(f"{self.name} has no {what}", f"its tokenizer component does not define {method}()")
+        return fn
+
     def generator(self, spec: PredictSpec) -> tuple[Engine, Tokenizer]:
         """(engine, tokenizer) for predict-like work: the model's own engine (`backend` 'online'), or the runner of
         the exporter named by `backend` over `artifacts`. Engines are kept for the handle's life."""

@@ -45,24 +45,35 @@ def generation_config(spec: PredictSpec) -> GenerationConfig:
 
 
 class TextTracker:
-    """Incremental detokenization per row: streams only complete UTF-8 text and finds stop strings."""
+    """Incremental detokenization of one row: after each token the new text that is final — holding back an
+    incomplete UTF-8 sequence and any tail that may begin a stop string, so what was streamed always equals the
+    start of the final text — whether a stop string appeared, and the final text (cut before the stop string)."""
 
-    def __init__(self, tokenizer: Tokenizer, n: int, stop: list[str], stream: bool) -> None:
-        self.tok, self.stop, self.stream = tokenizer, stop, stream
-        self.emitted = [""] * n
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.tok, self.stop = tokenizer, stop
+        self.emitted = ""
 
     def text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def on_token(self, row: int, _tok: int, ids: list[int]) -> None:
-        if not self.stream:
-            return
+    def _cut(self, text: str) -> int:
+        """Where the final text ends if generation stopped now."""
+        found = [text.find(s) for s in self.stop if s in text]
+        if found:
+            return min(found)
+        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return len(text) - held
+
+    def delta(self, ids: list[int]) -> str:
+        """The text to stream after `ids` (may be empty)."""
         text = self.text(ids)
         if text.endswith("\ufffd"):
-            return  # an incomplete UTF-8 sequence: wait for the next token
-        sys.stdout.write(text[len(self.emitted[row]):])
-        sys.stdout.flush()
-        self.emitted[row] = text
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        safe = text[: self._cut(text)]
+        if not safe.startswith(self.emitted):
+            return ""
+        new, self.emitted = safe[len(self.emitted):], safe
+        return new
 
     def stopped(self, ids: list[int]) -> bool:
         return bool(self.stop) and any(s in self.text(ids) for s in self.stop)
@@ -70,9 +81,13 @@ class TextTracker:
     def final(self, ids: list[int], finish: str) -> str:
         text = self.text(ids)
         if finish == "stop":
-            cut = min((text.find(s) for s in self.stop if s in text), default=len(text))
-            text = text[:cut]
+            found = [text.find(s) for s in self.stop if s in text]
+            text = text[: min(found, default=len(text))]
         return text
+
+    def rest(self, ids: list[int], finish: str) -> str:
+        """What is left to stream once the row has ended."""
+        return self.final(ids, finish)[len(self.emitted):]
 
 
 def run_predict(spec: PredictSpec, engine: Engine, tokenizer: Tokenizer,
@@ -80,12 +95,13 @@ def run_predict(spec: PredictSpec, engine: Engine, tokenizer: Tokenizer,
     prompts = read_prompts(spec, format_prompt)
     cfg = generation_config(spec)
     encoded = [tokenizer.encode(p) for p in prompts]
-    tracker = TextTracker(tokenizer, len(prompts), cfg.stop, spec.stream)
+    trackers = [TextTracker(tokenizer, cfg.stop) for _ in prompts]
     ids_so_far: dict[int, list[int]] = {}
 
     def on_token(row: int, tok: int) -> None:
         ids_so_far.setdefault(row, []).append(tok)
-        tracker.on_token(row, tok, ids_so_far[row])
+        sys.stdout.write(trackers[row].delta(ids_so_far[row]))
+        sys.stdout.flush()
 
     outs: list[GenerationOutput] = []
     # streamed prompts go one after another, readable; otherwise in batches of the engine's size
@@ -93,12 +109,12 @@ def run_predict(spec: PredictSpec, engine: Engine, tokenizer: Tokenizer,
     for group in groups:
         outs += generate(engine, [encoded[i] for i in group], cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
                          on_token=(lambda r, t, g=group: on_token(g[r], t)) if spec.stream else None,
-                         should_stop=(lambda r, ids: tracker.stopped(ids)) if cfg.stop else None)
+                         should_stop=(lambda r, ids, g=group: trackers[g[r]].stopped(ids)) if cfg.stop else None)
     completions = []
     for i, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
-        text = tracker.final(out.token_ids, out.finish_reason)
+        text = trackers[i].final(out.token_ids, out.finish_reason)
         if spec.stream:
-            sys.stdout.write(text[len(tracker.emitted[i]):] + "\n")
+            sys.stdout.write(trackers[i].rest(out.token_ids, out.finish_reason) + "\n")
         completions.append(Completion(prompt=prompt, text=text, token_ids=out.token_ids,
                                       finish_reason=out.finish_reason, prompt_tokens=out.prompt_tokens,
                                       prefill_ms=round(out.prefill_ms, 3),

@@ -276,6 +276,30 @@ class BenchResult(_Strict):
     rows: list[BenchRow]
 
 
+class ServeSpec(_WeightsSpec):
+    tokenizer: Path | None = None
+    precision: Precision = "fp32"
+    backend: str = Field("online", description="'online' (the model's engine) or an exporter's backend, over "
+                         "--artifacts")
+    artifacts: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: PositiveInt = Field(8, description="rows decoded together (the running batch's slots)")
+    max_queue: PositiveInt = Field(64, description="requests waiting for a slot; more are answered 429")
+    seq_length: PositiveInt | None = Field(None, description="tokens a request may hold, prompt and completion "
+                                           "(default: the model's context)")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 routes")
+    shutdown_timeout: float = Field(10.0, gt=0, description="seconds in-flight requests get to finish on SIGTERM")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+
+class ServeResult(_Strict):
+    requests: int
+    completions: int
+    completion_tokens: int
+    seconds: float
+
+
 # command name -> (spec, result)
 COMMANDS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "convert": (ConvertSpec, ConvertResult),
@@ -285,6 +309,7 @@ COMMANDS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "export": (ExportSpec, ExportResult),
     "eval": (EvalSpec, EvalResult),
     "bench": (BenchSpec, BenchResult),
+    "serve": (ServeSpec, ServeResult),
 }
 
 
@@ -292,6 +317,8 @@ def required_capability(command: str, spec: BaseModel) -> str:
     """The card capability a command needs (`train --mode finetune` needs `finetune`)."""
     if command == "train":
         return str(getattr(spec, "mode", "train")).replace("pretrain", "train")
+    if command == "serve":  # serving is predicting over HTTP
+        return "predict"
     return command
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Create ./.venv (Python 3.11) and install the project with the given extras (default: test,export,bench), plus the
+# Create ./.venv (Python 3.11) and install the project with the given extras (default: test,export,bench,serve), plus the
 # Python 3.7 MindSpore Lite 2.0.0 environment in ./.venv-lite (LITE=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
-EXTRAS="${1:-test,export,bench}"
+EXTRAS="${1:-test,export,bench,serve}"
 if [ ! -x .venv/bin/python ] || [ "${FRESH:-0}" = 1 ]; then
   rm -rf .venv .venv-lite
   "$PY" -m venv .venv

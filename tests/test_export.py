@@ -13,7 +13,7 @@ import pytest
 from conftest import BUNDLED_TOKENIZER, zoo
 
 from registry_spec.errors import BackendUnavailableError, InputError
-from registry_spec.generation import GenerationConfig, generate
+from registry_spec.generation import Batch, GenerationConfig, Row, generate
 from registry_spec.specs import ExportSpec
 from wizardcoder_plugin.export.runner import ExportedEngine
 from wizardcoder_plugin.export.writer import run_export, sha256
@@ -73,6 +73,16 @@ def test_backend_tokens_equal_online(tmp_path, tiny, hf_tiny, backend):
     padded = export(tmp_path, tiny, hf_tiny, backend, batch=2)
     gen = ExportedEngine(padded, backend)
     assert greedy(gen, PROMPTS) == want  # a right-padded batch of 2
+    rows = [Row(p, GenerationConfig(max_new_tokens=12), np.random.default_rng(0)) for p in PROMPTS[:2]]
+    batch = Batch(gen, 10**6, PAD, 2, 64)
+    batch.open()  # continuous batching (zoo serve): the second row joins the running batch after 3 steps
+    batch.admit(rows[:1])
+    for _ in range(3):
+        batch.step()
+    batch.admit(rows[1:])
+    while batch.rows:
+        batch.step()
+    assert [r.generated for r in rows] == want[:2]
     single = export(tmp_path, tiny, hf_tiny, backend, batch=1)
     gen1 = ExportedEngine(single, backend)
     assert greedy(gen1, PROMPTS[:1]) == want[:1]

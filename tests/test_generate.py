@@ -259,3 +259,22 @@ def test_graphs_loaded_from_the_compile_cache_give_the_same_tokens(hf_tiny, tmp_
         assert [tokens(str(cache), str(kernels), native) for _ in range(3)] == [want] * 3, native
         folders = [p for p in cache.iterdir() if p.is_dir()] if cache.exists() else []
         assert (len(folders) >= 2) if native == "0" else not folders  # MindSpore's own graphs are cached
+
+
+def test_streamed_text_holds_back_what_may_begin_a_stop_string():
+    from registry_spec.predict import TextTracker
+
+    class Chars:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    def run(text: str) -> tuple[str, str]:
+        t = TextTracker(Chars(), ["END"])
+        ids = [ord(c) for c in text]
+        streamed = "".join(t.delta(ids[:k]) for k in range(1, len(ids) + 1))
+        finish = "stop" if t.stopped(ids) else "length"
+        return streamed, streamed + t.rest(ids, finish)
+
+    assert run("abcEN") == ("abc", "abcEN")  # "EN" may have begun "END": held until the row ends
+    assert run("abcENX") == ("abcENX", "abcENX")
+    assert run("abcEND") == ("abc", "abc")

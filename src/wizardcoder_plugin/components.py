@@ -65,6 +65,16 @@ class Tokenizer:
 
         return apply_template(text, template, extra)
 
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        from .text.templates import chat_prompt
+
+        return chat_prompt(messages)
+
+    def format_infill(self, prefix: str, suffix: str) -> str:
+        from .text.templates import infill_prompt
+
+        return infill_prompt(prefix, suffix)
+
 
 class Model:
     """The MindSpore GPTBigCode network: the online engine, the trainer, the weights, the benchmark."""

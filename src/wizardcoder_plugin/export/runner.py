@@ -123,7 +123,20 @@ class ExportedEngine:
         (logits,) = g["full"](ids, lengths)
         return logits, {"ids": ids.copy()}
 
-    def step(self, cache: Any, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def join(self, cache: Any, slots: np.ndarray, ids: np.ndarray, lengths: np.ndarray, greedy: bool) -> np.ndarray:
+        """Rows into `slots` of a running batch: the fixed-batch prefill with them in those rows (the others repeat
+        the first row: any valid tokens), their rows of its cache copied into the running one."""
+        full = np.repeat(ids[:1], self.fixed_batch, axis=0)
+        full_lengths = np.ones(self.fixed_batch, dtype=np.int32)
+        full[slots], full_lengths[slots] = ids, lengths
+        logits, fresh = self.prefill(full, full_lengths, self.context_length, greedy, "cache" in cache)
+        if "cache" in cache:
+            cache["cache"][:, slots] = fresh["cache"][:, slots]
+        else:
+            cache["ids"][slots] = fresh["ids"][slots]
+        return logits[slots]
+
+    def step(self, cache: Any, tokens: np.ndarray, positions: np.ndarray, greedy: bool | None = None) -> np.ndarray:
         g = self.runtime.graphs
         positions = positions.astype(np.int32)
         if "cache" in cache:

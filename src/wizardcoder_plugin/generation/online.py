@@ -6,6 +6,7 @@ selection, bucket sizes and the loop itself are the host's (`registry_spec.gener
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,16 @@ from registry_spec.generation import GenerationConfig, GenerationOutput, generat
 HEAD_LAYOUTS = ("auto", "tied", "transposed")
 KERNELS = ("auto", "native", "mindspore")
 _HEAD_COPY_LIMIT = 512 * 2**20  # bytes: above this the copy's memory outweighs what its speed could save
+
+
+@dataclass
+class _Running:
+    """A running batch's cache handle: `cached` (the bucket's KV cache) or `full` (the padded ids, cache-free)."""
+
+    kind: str
+    bucket: tuple[int, int]  # (batch, max_len)
+    greedy: bool  # what the prefill asked for: the default of each step
+    ids: np.ndarray | None = None
 
 
 class Generator:
@@ -49,6 +60,7 @@ class Generator:
         self.max_batch = max_batch
         self.head_layout, self.kernels = head_layout, kernels
         self._cells: dict[tuple[int, int], dict[object, object]] = {}  # (batch, max_len) -> cache and graphs
+        self._sizes: set[tuple] = set()  # ((batch, max_len), prompt_len) checked against memory
         self._last_token: object | None = None
         self._head_t: object | None = None  # the transposed copy, made when a bucket first uses it
         self._native: object | None = None
@@ -162,33 +174,47 @@ class Generator:
                             ms.Parameter(tables[1], name="lm_head.screen_info", requires_grad=False))
         return self._screen
 
-    def _cells_for(self, batch: int, max_len: int, prompt_len: int, greedy: bool) -> tuple[object, object]:
-        """(prefill, decode) for a bucket; greedy decode graphs return token ids (and so does a greedy prefill on
-        the screened head), the others logits. The bucket's graphs share its caches. Every cell sees one input
-        shape, so each runs in MindSpore's "increment" phase (re-entered without walking the cell tree,
-        which matters on a small model's prefill)."""
+    def _bucket(self, batch: int, max_len: int, prompt_len: int) -> dict[object, object]:
+        """The (batch, max_len) bucket: its KV cache and the graphs sharing it (checked against memory first)."""
         from ..model.memory import check_bucket
-        from ..model.modeling import DecodeCell, KVCache, PrefillCell
+        from ..model.modeling import KVCache
 
         key = (batch, max_len)
-        head_t = self._head_for(batch)
-        native = self._native if self.head_choice[batch] == "native" else None
-        if key not in self._cells or not any(k[0] == prompt_len for k in self._cells[key] if isinstance(k, tuple)):
+        self._head_for(batch)
+        if key not in self._cells or (key, prompt_len) not in self._sizes:
             check_bucket(self.config, self.model.precision, batch, max_len, prompt_len)  # type: ignore[attr-defined]
+            self._sizes.add((key, prompt_len))
         if key not in self._cells:
             dtype = self.model.transformer.wte.weight.dtype  # type: ignore[attr-defined]
             self._cells[key] = {"cache": KVCache(self.config, batch, max_len, dtype, tag=f"b{batch}t{max_len}")}
-        cells = self._cells[key]
+        return self._cells[key]
+
+    def _prefill_cell(self, batch: int, max_len: int, rows: int, prompt_len: int, greedy: bool) -> object:
+        """A prefill graph of `rows` rows into the cache of the (batch, max_len) bucket; greedy on the screened head
+        returns token ids, the others logits. Every cell sees one input shape, so each runs in MindSpore's
+        "increment" phase (re-entered without walking the cell tree, which matters on a small model's prefill)."""
+        from ..model.modeling import PrefillCell
+
+        cells = self._bucket(batch, max_len, prompt_len)
+        native = self._native if self.head_choice[batch] == "native" else None
         screen = self._screen_for(native, greedy)
+        key = ("prefill", rows, prompt_len, screen is not None)
+        if key not in cells:
+            cells[key] = PrefillCell(self.model, cells["cache"], self._head_for(batch), native, screen)
+            cells[key].phase = "increment"
+        return cells[key]
+
+    def _decode_cell(self, batch: int, max_len: int, greedy: bool) -> object:
+        """The bucket's decode graph; greedy ones return token ids, the others logits."""
+        from ..model.modeling import DecodeCell
+
+        cells = self._cells[(batch, max_len)]
         kind = "greedy" if greedy else "logits"
-        prefill = (prompt_len, screen is not None)  # a screened prefill returns token ids, the other logits
-        if prefill not in cells:
-            cells[prefill] = PrefillCell(self.model, cells["cache"], head_t, native, screen)
-            cells[prefill].phase = "increment"
         if kind not in cells:
-            cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy, head_t=head_t, native=native,
-                                     screen=screen)
-        return cells[prefill], cells[kind]
+            native = self._native if self.head_choice[batch] == "native" else None
+            cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy, head_t=self._head_for(batch),
+                                     native=native, screen=self._screen_for(native, greedy))
+        return cells[kind]
 
     def _compile(self, cell: object, args: tuple) -> None:
         from ..model.runtime import compile_cell
@@ -211,25 +237,39 @@ class Generator:
         if not use_cache:  # the whole padded sequence through the network at every step
             full = np.full((batch, max_len), self.pad, dtype=np.int32)
             full[:, :prompt_len] = ids
-            return self._full_logits(full, lengths), ("full", full)
-        prefill, decode = self._cells_for(batch, max_len, prompt_len, greedy)
+            return self._full_logits(full, lengths), _Running("full", (batch, max_len), greedy, full)
+        cell = self._prefill_cell(batch, max_len, batch, prompt_len, greedy)
         args = (ms.Tensor.from_numpy(ids), ms.Tensor.from_numpy(lengths))
-        self._compile(prefill, args)
-        return prefill(*args).asnumpy(), ("cached", decode)
+        self._compile(cell, args)
+        return cell(*args).asnumpy(), _Running("cached", (batch, max_len), greedy)
 
-    def step(self, cache: Any, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def join(self, cache: _Running, slots: np.ndarray, ids: np.ndarray, lengths: np.ndarray,
+             greedy: bool) -> np.ndarray:
+        """Prefill rows `ids` into the rows `slots` of a running cache (continuous batching)."""
         import mindspore as ms
 
-        kind, state = cache
-        if kind == "full":
-            state[np.arange(state.shape[0]), positions] = tokens
-            return self._full_logits(state, positions + 1)
+        if cache.kind != "cached":
+            raise InputError("rows can only join a batch that uses the KV cache", "generate with use_cache=True")
+        cell = self._prefill_cell(*cache.bucket, ids.shape[0], ids.shape[1], greedy)
+        args = (ms.Tensor.from_numpy(ids), ms.Tensor.from_numpy(lengths.astype(np.int32)),
+                ms.Tensor.from_numpy(slots.astype(np.int32)))
+        self._compile(cell, args)
+        return cell(*args).asnumpy()
+
+    def step(self, cache: _Running, tokens: np.ndarray, positions: np.ndarray,
+             greedy: bool | None = None) -> np.ndarray:
+        import mindspore as ms
+
+        if cache.kind == "full":
+            cache.ids[np.arange(cache.ids.shape[0]), positions] = tokens
+            return self._full_logits(cache.ids, positions + 1)
+        cell = self._decode_cell(*cache.bucket, cache.greedy if greedy is None else greedy)
         # from_numpy shares the arrays (half the cost of a copy per step); the call has finished with them when
         # asnumpy returns, and the loop makes new ones for the next step
         args = (ms.Tensor.from_numpy(np.ascontiguousarray(tokens.reshape(-1, 1).astype(np.int32))),
                 ms.Tensor.from_numpy(np.ascontiguousarray(positions.astype(np.int32))))
-        self._compile(state, args)
-        return state(*args).asnumpy()
+        self._compile(cell, args)
+        return cell(*args).asnumpy()
 
     def generate(self, prompts: Sequence[list[int]], cfg: GenerationConfig,
                  on_token: Callable[[int, int], None] | None = None,

@@ -426,10 +426,15 @@ class _CachedCell(nn.Cell):
         return x.reshape(b, s, self.kv_heads, self.head_dim).swapaxes(1, 2).reshape(b * self.kv_heads, s,
                                                                                    self.head_dim)
 
-    def cache_rows(self, positions: Tensor) -> Tensor:
-        """positions [B,S] -> the cache rows [B*kv,S] they are written to."""
+    def cache_rows(self, positions: Tensor, slots: Tensor | None = None) -> Tensor:
+        """positions [B,S] of the cache's rows `slots` [B] (default: the first B) -> the cache rows [B*kv,S] they
+        are written to."""
         b, s = positions.shape
-        first = ops.arange(0, b * self.kv_heads, dtype=ms.int32).reshape(b * self.kv_heads, 1) * self.max_len
+        if slots is None:
+            first = ops.arange(0, b * self.kv_heads, dtype=ms.int32).reshape(b * self.kv_heads, 1) * self.max_len
+        else:
+            heads = slots.reshape(b, 1) * self.kv_heads + ops.arange(0, self.kv_heads, dtype=ms.int32).reshape(1, -1)
+            first = heads.reshape(b * self.kv_heads, 1) * self.max_len
         if self.kv_heads > 1:
             positions = positions.reshape(b, 1, s).broadcast_to((b, self.kv_heads, s))
         return first + positions.reshape(b * self.kv_heads, s)
@@ -442,8 +447,9 @@ class _CachedCell(nn.Cell):
 
 
 class PrefillCell(_CachedCell):
-    """Runs right-padded prompts [B,S], writes every position's key and value into the caches, returns the logits
-    at each row's last real token [B,V] (with `screen`: the greedy token ids [B]).
+    """Runs right-padded prompts [B,S], writes every position's key and value into the caches' rows `slots` [B]
+    (default: the first B; a cache may hold more rows, the others are left as they are), returns the logits at
+    each row's last real token [B,V] (with `screen`: the greedy token ids [B]).
 
     With `native`, MindSpore's MatMul stays and what surrounds it runs on the native kernels: LayerNorm,
     bias + residual, bias + GELU, one pass each instead of MindSpore's 2-6 elementwise kernels, which were a large
@@ -470,11 +476,11 @@ class PrefillCell(_CachedCell):
     def layer_norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
         return self.native.layer_norm(x, ln.weight, ln.bias, ln.eps)
 
-    def construct(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+    def construct(self, input_ids: Tensor, lengths: Tensor, slots: Tensor | None = None) -> Tensor:
         b, s = input_ids.shape
         tr = self.model.transformer
         positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
-        rows = self.cache_rows(positions)
+        rows = self.cache_rows(positions, slots)
         mask = causal_mask(s).broadcast_to((b, s, s))
         hidden = tr.embed(input_ids, positions)
         for i, block in enumerate(tr.h):
@@ -515,7 +521,7 @@ class DecodeCell(_CachedCell):
                  screen: tuple[Parameter, Parameter] | None = None) -> None:
         super().__init__(model, cache, head_t, native, screen if greedy else None)
         self.greedy = greedy
-        self.slots = Tensor(np.arange(cache.max_len, dtype=np.int32))
+        self.key_positions = Tensor(np.arange(cache.max_len, dtype=np.int32))
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.scores_2d = ops.MatMul(transpose_b=True)
         self.argmax = ops.ArgMaxWithValue(axis=-1)  # first index of the max, like torch; faster than Argmax on CPU
@@ -564,7 +570,7 @@ class DecodeCell(_CachedCell):
             logits = self.head(self.native_blocks(hidden, positions))
         else:
             rows = self.cache_rows(positions.reshape(b, 1))
-            bias = (self.slots.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * _MASK_MIN
+            bias = (self.key_positions.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * _MASK_MIN
             for i, block in enumerate(tr.h):
                 attn = block.attn
                 q, k, v = attn.split_qkv(block.ln_1(hidden))

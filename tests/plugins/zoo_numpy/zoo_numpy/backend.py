@@ -127,7 +127,7 @@ class NumpyEngine:
         last = h[np.arange(b), lengths - 1]
         return last @ self.w["transformer.wte.weight"].T, cache
 
-    def step(self, cache, tokens, positions):
+    def step(self, cache, tokens, positions, greedy=None):
         pos = positions.astype(np.int64)[:, None]
         h = self._forward(tokens.astype(np.int64)[:, None], pos, cache)
         return h[:, 0] @ self.w["transformer.wte.weight"].T

@@ -1,0 +1,146 @@
+"""`zoo serve` under load: aggregate throughput and p50/p95 latency at 1, 8 and 32 concurrent streaming clients
+(the official openai client against a real server process), and the warm server's time to first token against a
+bare prefill of the same prompt on the same engine, in-process. Results are appended to RESULTS.md.
+
+    python benchmarks/serve.py [--shapes tiny,tiny_starcoder] [--clients 1,8,32] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common import append_results, machine
+
+HERE = Path(__file__).parent
+SHAPES = {"tiny": [], "tiny_starcoder": ["--config", str(HERE / "tiny_starcoder.json")]}
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, iteratively.\"\"\"\n    a, b = 0, 1\n"
+
+
+def bare_prefill_ms(extra: list[str]) -> float:
+    """Median of 5 warm batch-1 prefills of PROMPT on the online engine (what a request's first token costs)."""
+    import numpy as np
+
+    from registry_spec.registry import Registry
+    from registry_spec.specs import PredictSpec
+
+    config = Path(extra[1]) if extra else None
+    engine, tok = Registry().handle("wizardcoder-tiny").generator(
+        PredictSpec(model="wizardcoder-tiny", config=config, batch_size=1))
+    ids = tok.encode(PROMPT)
+    width = 16
+    while width < len(ids):
+        width *= 2
+    row = np.full((1, width), tok.pad_token_id, np.int32)
+    row[0, : len(ids)] = ids
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        engine.prefill(row, np.array([len(ids)], np.int32), engine.context_length, True, True)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[1:])
+
+
+def start_server(extra: list[str], slots: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "registry_spec.cli", "serve", "wizardcoder-tiny", *extra,
+                             "--port", str(port), "--max-batch-size", str(slots), "--seq-length", "512",
+                             "--log-level", "warning"], stderr=subprocess.DEVNULL)
+    import httpx2
+
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx2.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx2.HTTPError:
+            time.sleep(0.5)
+    raise SystemExit("the server did not start")
+
+
+def load(url: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    latencies, ttfts, tokens = [], [], []
+    lock = threading.Lock()
+    todo = list(range(requests))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                todo.pop()
+            t0 = time.perf_counter()
+            first = None
+            for chunk in client.completions.create(model="wizardcoder-tiny", prompt=PROMPT, max_tokens=max_tokens,
+                                                   temperature=0, stream=True):
+                first = first or time.perf_counter()
+                if chunk.usage:
+                    n = chunk.usage.completion_tokens
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                ttfts.append((first or time.perf_counter()) - t0)
+                tokens.append(n)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    return {"tokens_per_s": sum(tokens) / wall, "p50_s": statistics.median(latencies), "p95_s": q[18],
+            "ttft_ms": statistics.median(ttfts) * 1e3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="tiny,tiny_starcoder")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--slots", type=int, default=8)
+    args = ap.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+    lines = ["| shape | clients | requests | tokens/s | × 1 client | p50 latency s | p95 latency s | TTFT ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for shape in args.shapes.split(","):
+        extra = SHAPES[shape]
+        prefill = bare_prefill_ms(extra)
+        proc, url = start_server(extra, args.slots)
+        try:
+            load(url, 1, 2, args.max_tokens)  # untimed: the prompt's prefill bucket compiles on its first request
+            base = None
+            for c in levels:
+                requests = max(8, 2 * c)
+                r = load(url, c, requests, args.max_tokens)
+                base = base or r["tokens_per_s"]
+                lines.append(f"| {shape} | {c} | {requests} | {r['tokens_per_s']:.1f} | "
+                             f"{r['tokens_per_s'] / base:.2f}× | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
+                             f"{r['ttft_ms']:.1f} |")
+                if c == 1:
+                    notes.append(f"- {shape}: warm TTFT at 1 client {r['ttft_ms']:.1f} ms against a bare batch-1 "
+                                 f"prefill of {prefill:.1f} ms in-process ({r['ttft_ms'] / prefill:.2f}×)")
+                print(lines[-1], flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    table = "\n".join(lines) + "\n\n" + "\n".join(notes)
+    append_results("zoo serve: continuous batching under load", "python benchmarks/serve.py " +
+                   " ".join(sys.argv[1:]), machine() + f"; {args.slots} slots, {args.max_tokens} tokens a request, "
+                   "greedy, streaming", table, [])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The routes: `/v1/models`, `/v1/completions` (with `suffix` for fill-in-the-middle), `/v1/chat/completions`,
+`/health`. Every error is answered in OpenAI's schema; nothing a client sends reaches the engine unchecked."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
+
+from ..components import Tokenizer
+from ..errors import ZooError
+from ..generation import GenerationConfig, Row
+from ..predict import TextTracker
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    envelope,
+    finish_reason,
+    request_id,
+    usage,
+)
+from .scheduler import Job, QueueFull, Scheduler, ShuttingDown, async_deliverer
+
+
+@dataclass
+class ServeState:
+    """What the routes need: the served model's names, its tokenizer and prompt formats, the scheduler."""
+
+    model: str
+    names: set[str]
+    owner: str
+    tokenizer: Tokenizer
+    scheduler: Scheduler
+    max_len: int
+    format_chat: Callable[[list[dict[str, str]]], str]
+    format_infill: Callable[[str, str], str]
+    api_key: str | None = None
+    draining: bool = False
+    created: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {"requests": 0})
+
+
+def create_app(state: ServeState) -> FastAPI:
+    app = FastAPI(title=f"zoo serve {state.model}", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error')})"
+                                         ).body(), status_code=400)
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if not loc:
+            return JSONResponse(APIError(400, "the body must be a JSON object, sent as application/json").body(),
+                                status_code=400)
+        param = ".".join(loc)
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
+
+    @app.middleware("http")
+    async def _auth_first(request: Request, call_next: Callable) -> Any:  # before the body is even read
+        if request.url.path.startswith("/v1/"):
+            try:
+                _authorize(state, request)
+            except APIError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = 503 if state.draining else 200
+        return JSONResponse({"status": "draining" if state.draining else "ok", "model": state.model,
+                             **state.scheduler.load()}, status_code=status)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": state.model, "object": "model", "created": state.created,
+                                            "owned_by": state.owner}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        _check_model(state, body.model)
+        if body.suffix is not None:
+            if len(body.prompt) != 1:
+                raise APIError(400, "suffix takes a single prompt", param="suffix")
+            texts = [_format(state.format_infill, body.prompt[0], body.suffix, param="suffix")]
+        else:
+            texts = list(body.prompt)
+        rid = request_id("cmpl")
+        sub = _submit(state, texts, body, body.max_tokens, logprobs=body.logprobs is not None)
+        if body.stream:
+            return _stream(state, request, sub, rid, chat=False)
+        results = await _collect(state, request, sub)
+        choices = [{"index": i, "text": text, "finish_reason": finish_reason(finish),
+                    "logprobs": _completion_logprobs(state, job) if body.logprobs is not None else None}
+                   for i, (job, text, finish) in enumerate(results)]
+        return envelope("text_completion", state.model, choices, rid, usage=_usage(sub.jobs))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        _check_model(state, body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = _format(state.format_chat, messages, param="messages")
+        rid = request_id("chatcmpl")
+        sub = _submit(state, [text], body, body.max_completion_tokens or body.max_tokens, logprobs=body.logprobs)
+        if body.stream:
+            return _stream(state, request, sub, rid, chat=True)
+        ((job, content, finish),) = await _collect(state, request, sub)
+        choice = {"index": 0, "message": {"role": "assistant", "content": content},
+                  "finish_reason": finish_reason(finish),
+                  "logprobs": {"content": _chat_logprobs(state, job)} if body.logprobs else None}
+        return envelope("chat.completion", state.model, [choice], rid, usage=_usage(sub.jobs))
+
+    return app
+
+
+def _authorize(state: ServeState, request: Request) -> None:
+    if state.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+        raise APIError(401, "invalid API key: send it as 'Authorization: Bearer KEY'", "authentication_error",
+                       code="invalid_api_key")
+
+
+def _check_model(state: ServeState, name: str) -> None:
+    if name not in state.names:
+        raise APIError(404, f"model {name!r} is not served here; this server serves {state.model!r}",
+                       "not_found_error", param="model", code="model_not_found")
+
+
+def _format(fn: Callable[..., str], *args: Any, param: str) -> str:
+    try:
+        return fn(*args)
+    except ZooError as exc:
+        raise APIError(400, exc.message + (f" ({exc.hint})" if exc.hint else ""), param=param) from None
+
+
+@dataclass
+class Submission:
+    """A request's jobs (one per prompt) and the queue their events arrive on, as (job index, event)."""
+
+    jobs: list[Job]
+    queue: asyncio.Queue
+
+
+def _submit(state: ServeState, texts: list[str], body: CompletionRequest | ChatRequest, max_tokens: int | None,
+            logprobs: bool) -> Submission:
+    """One job per prompt, queued for the scheduler (all or none)."""
+    if state.draining:
+        raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+    encoded = [state.tokenizer.encode(t) for t in texts]
+    for ids in encoded:
+        if not ids:
+            raise APIError(400, "empty prompt", param="prompt")
+        if len(ids) >= state.max_len:
+            raise APIError(413, f"the prompt has {len(ids)} tokens; this server's context is {state.max_len} "
+                           "(prompt and completion)", param="prompt", code="context_length_exceeded")
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    sub = Submission([], queue)
+    for i, ids in enumerate(encoded):
+        cfg = GenerationConfig(max_new_tokens=max_tokens or state.max_len, do_sample=body.temperature > 0,
+                               temperature=body.temperature or 1.0, top_k=body.top_k, top_p=body.top_p,
+                               repetition_penalty=body.repetition_penalty, seed=body.seed, stop=list(body.stop))
+        tracker = TextTracker(state.tokenizer, cfg.stop)
+        row = Row(ids, cfg, np.random.default_rng(body.seed), logprobs=[] if logprobs else None,
+                  should_stop=tracker.stopped if cfg.stop else None)
+        sub.jobs.append(Job(row, tracker, async_deliverer(loop, queue, i), index=i))
+    submitted: list[Job] = []
+    try:
+        for job in sub.jobs:
+            state.scheduler.submit(job)
+            submitted.append(job)
+    except (QueueFull, ShuttingDown) as exc:
+        _cancel(state, submitted)
+        if isinstance(exc, QueueFull):
+            raise APIError(429, f"the server is busy: {exc}; retry later", "rate_limit_error",
+                           code="queue_full") from None
+        raise APIError(503, "the server is shutting down", "server_error", code="shutting_down") from None
+    state.counts["requests"] += 1
+    return sub
+
+
+def _cancel(state: ServeState, jobs: list[Job]) -> None:
+    for job in jobs:
+        state.scheduler.cancel(job)
+
+
+async def _events(state: ServeState, request: Request, sub: Submission) -> AsyncIterator[tuple[int, tuple]]:
+    """(job index, event) as they come, until every job has ended; a disconnected client cancels the rest."""
+    ended: set[int] = set()
+    try:
+        while len(ended) < len(sub.jobs):
+            try:
+                index, event = await asyncio.wait_for(sub.queue.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if event[0] == "error":
+                raise APIError(500, event[1], "server_error")
+            yield index, event
+            if event[0] == "end":
+                ended.add(index)
+    finally:
+        _cancel(state, [j for j in sub.jobs if j.index not in ended])
+
+
+async def _collect(state: ServeState, request: Request, sub: Submission) -> list[tuple[Job, str, str]]:
+    """Each job's (job, final text, finish) once all have ended."""
+    parts: dict[int, list[str]] = {j.index: [] for j in sub.jobs}
+    finish: dict[int, str] = {}
+    async for index, event in _events(state, request, sub):
+        parts[index].append(event[1] if event[0] == "text" else event[2])
+        if event[0] == "end":
+            finish[index] = event[1]
+    if len(finish) < len(sub.jobs):
+        raise APIError(499, "the client disconnected", "invalid_request_error")
+    return [(j, "".join(parts[j.index]), finish[j.index]) for j in sub.jobs]
+
+
+def _stream(state: ServeState, request: Request, sub: Submission, rid: str, chat: bool) -> EventSourceResponse:
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return json.dumps(envelope(kind, state.model, [choice], rid))
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if chat:
+                yield chunk(0, None, None, first=True)
+            async for index, event in _events(state, request, sub):
+                if event[0] == "text" and event[1]:
+                    yield chunk(index, event[1], None)
+                elif event[0] == "end":
+                    yield chunk(index, event[2], finish_reason(event[1]))
+            yield json.dumps(envelope(kind, state.model, [], rid, usage=_usage(sub.jobs)))
+            yield "[DONE]"
+        except APIError as exc:
+            yield json.dumps(exc.body())
+
+    return EventSourceResponse(events(), ping=15)
+
+
+def _usage(jobs: list[Job]) -> dict[str, int]:
+    return usage(sum(len(j.row.prompt) for j in jobs), sum(len(j.row.generated) for j in jobs))
+
+
+def _completion_logprobs(state: ServeState, job: Job) -> dict[str, Any]:
+    tokens = [state.tokenizer.decode([t], skip_special_tokens=False) for t in job.row.generated]
+    offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
+    return {"tokens": tokens, "token_logprobs": job.row.logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def _chat_logprobs(state: ServeState, job: Job) -> list[dict[str, Any]]:
+    out = []
+    for tok, lp in zip(job.row.generated, job.row.logprobs or [], strict=False):
+        text = state.tokenizer.decode([tok], skip_special_tokens=False)
+        out.append({"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []})
+    return out

@@ -1,0 +1,257 @@
+"""`zoo serve` as a real process on 127.0.0.1, driven by the official openai client: greedy completions equal
+`zoo predict`'s and HF's, chat, streaming, stop, fill-in-the-middle, every error status, 16 concurrent streams
+each equal to its sequential result, disconnects, SIGTERM. And the continuous batch itself, in process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx2 as httpx  # the HTTP client the openai package ships on
+import numpy as np
+import pytest
+from conftest import BUNDLED_TOKENIZER, zoo
+
+openai = pytest.importorskip("openai")
+KEY = "sk-zoo-test"
+PROMPTS = ["def add(a, b):", "x = 1", "import os\n", "class A:", "for i in range(10):", "print(", "# sum", "return"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, hf_dir, tmp_path, *extra: str) -> None:
+        self.port = free_port()
+        self.log = tmp_path / f"serve-{self.port}.log"
+        self.args = ["--weights", str(hf_dir), "--config", str(hf_dir / "config.json"), "--tokenizer", str(hf_dir)]
+        cmd = [sys.executable, "-m", "registry_spec.cli", "serve", "wizardcoder-tiny", *self.args,
+               "--port", str(self.port), "--log-level", "warning", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError("server did not start: " + self.log.read_text())
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(hf_tiny):
+    from wizardcoder_plugin.text.tokenizer import WizardCoderTokenizer
+
+    WizardCoderTokenizer.from_pretrained(BUNDLED_TOKENIZER).backend.save(str(hf_tiny / "tokenizer.json"))
+    return hf_tiny
+
+
+@pytest.fixture(scope="module")
+def server(hf_dir, tmp_path_factory):
+    s = Server(hf_dir, tmp_path_factory.mktemp("serve"), "--api-key", KEY, "--max-batch-size", "8")
+    yield s
+    s.stop()
+
+
+def predict(hf_dir, *args: str) -> list[dict]:
+    r = zoo("predict", "wizardcoder-tiny", "--weights", str(hf_dir), "--config", str(hf_dir / "config.json"),
+            "--tokenizer", str(hf_dir), "--json", *args)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def test_greedy_completions_equal_predict_and_hf(server, hf_dir, hf_model):
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["wizardcoder-tiny"]
+    out = client.completions.create(model="wizardcoder-tiny", prompt=PROMPTS[:2], max_tokens=12, temperature=0)
+    expect = predict(hf_dir, "--template", "none", "--max-new-tokens", "12", "--prompt", PROMPTS[0],
+                     "--prompt", PROMPTS[1])
+    assert [c.text for c in out.choices] == [e["text"] for e in expect]
+    assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens == sum(e["prompt_tokens"] for e in expect)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+    ids = hf_tok.encode(PROMPTS[0])
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=49152,
+                                eos_token_id=None)[0, len(ids):].tolist()
+    assert out.choices[0].text == hf_tok.decode(ref, skip_special_tokens=True)
+    lp = client.completions.create(model="wizardcoder-tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0,
+                                   logprobs=1).choices[0].logprobs
+    assert len(lp.token_logprobs) == 4 and all(v < 0 for v in lp.token_logprobs)
+
+
+def test_chat_streaming_stop_and_fill_in_the_middle(server, hf_dir):
+    client = server.client()
+    chat = client.chat.completions.create(model="wizardcoder-tiny", max_tokens=10, temperature=0,
+                                          messages=[{"role": "user", "content": "Write a sum function."}])
+    expect = predict(hf_dir, "--template", "wizardcoder", "--max-new-tokens", "10", "--prompt",
+                     "Write a sum function.")[0]
+    assert chat.choices[0].message.content == expect["text"] and chat.usage.completion_tokens == 10
+    chunks = list(client.chat.completions.create(model="wizardcoder-tiny", max_tokens=10, temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": "Write a sum function."}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expect["text"]
+    assert chunks[-1].usage.completion_tokens == 10
+
+    full = client.completions.create(model="wizardcoder-tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    for stream in (False, True):
+        got = client.completions.create(model="wizardcoder-tiny", prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                        stop=[stop], stream=stream)
+        if stream:
+            parts = list(got)
+            streamed = "".join(c.choices[0].text for c in parts if c.choices)
+            reasons = [c.choices[0].finish_reason for c in parts if c.choices and c.choices[0].finish_reason]
+            assert streamed == text[: text.find(stop)] and reasons == ["stop"]
+        else:
+            assert got.choices[0].text == text[: text.find(stop)] and got.choices[0].finish_reason == "stop"
+
+    fim = client.completions.create(model="wizardcoder-tiny", prompt="def f(x):\n    ", suffix="\n    return y",
+                                    max_tokens=8, temperature=0)
+    expect = predict(hf_dir, "--template", "none", "--max-new-tokens", "8", "--prompt",
+                     "<fim_prefix>def f(x):\n    <fim_suffix>\n    return y<fim_middle>")[0]
+    assert fim.choices[0].text == expect["text"]
+    a, b = (client.completions.create(model="wizardcoder-tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0.9,
+                                      seed=7).choices[0].text for _ in range(2))
+    assert a == b
+
+
+def test_every_error_status_and_the_server_survives(server):
+    client = server.client()
+    bad = [({"temperature": 5}, 400), ({"n": 2}, 400), ({"logit_bias": {"1": 2}}, 400), ({"top_p": 0}, 400),
+           ({"model": "gpt-4"}, 404), ({"prompt": "word " * 600}, 413)]
+    for change, status in bad:
+        args = {"model": "wizardcoder-tiny", "prompt": "x", "max_tokens": 2, **change}
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.completions.create(**args)
+        assert exc.value.status_code == status, (change, exc.value)
+        assert set(exc.value.body) >= {"message", "type", "param", "code"}
+    with pytest.raises(openai.AuthenticationError):
+        server.client("wrong").completions.create(model="wizardcoder-tiny", prompt="x", max_tokens=2)
+    r = httpx.post(server.url + "/v1/completions", json={"bogus": 1}, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"  # the key before the body
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "wizardcoder-tiny", "messages": [{"role": "assistant", "content": "x"}]})
+    assert r.status_code == 400 and "user" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_sixteen_concurrent_streams_each_equal_their_sequential_result(server):
+    client = server.client()
+    jobs = [(PROMPTS[i % 8], 6 + 3 * (i % 5)) for i in range(16)]  # different lengths: rows leave and join
+    sequential = [client.completions.create(model="wizardcoder-tiny", prompt=p, max_tokens=n,
+                                            temperature=0).choices[0].text for p, n in jobs[:8]]
+    sequential += [client.completions.create(model="wizardcoder-tiny", prompt=p, max_tokens=n,
+                                             temperature=0).choices[0].text for p, n in jobs[8:]]
+    results: list[str | None] = [None] * 16
+
+    def run(i: int) -> None:
+        p, n = jobs[i]
+        stream = client.completions.create(model="wizardcoder-tiny", prompt=p, max_tokens=n, temperature=0,
+                                           stream=True)
+        results[i] = "".join(c.choices[0].text for c in stream if c.choices)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert results == sequential
+
+
+def test_a_disconnected_stream_frees_its_row(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "wizardcoder-tiny", "prompt": "def", "max_tokens": 250, "temperature": 0, "stream": True}
+    before = httpx.get(server.url + "/health").json()
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        next(r.iter_lines())
+    deadline = time.time() + 5
+    while httpx.get(server.url + "/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.02)
+    after = httpx.get(server.url + "/health").json()
+    assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
+    assert after["completed"] == before["completed"]
+
+
+def test_full_queue_is_429_and_sigterm_finishes_in_flight_requests(hf_dir, tmp_path):
+    s = Server(hf_dir, tmp_path, "--max-batch-size", "1", "--max-queue", "1")
+    try:
+        client = s.client("none")
+        done: dict[str, object] = {}
+
+        def long(name: str) -> None:
+            try:
+                done[name] = client.completions.create(model="wizardcoder-tiny", prompt="def", max_tokens=150,
+                                                       temperature=0)
+            except openai.APIStatusError as exc:
+                done[name] = exc.status_code
+
+        first = threading.Thread(target=long, args=("first",))
+        first.start()
+        while httpx.get(s.url + "/health").json()["running"] == 0:
+            time.sleep(0.02)
+        second = threading.Thread(target=long, args=("second",))
+        second.start()
+        while httpx.get(s.url + "/health").json()["waiting"] == 0:
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="wizardcoder-tiny", prompt="x", max_tokens=2)
+        s.proc.send_signal(signal.SIGTERM)
+        first.join(60)
+        second.join(60)
+        assert s.proc.wait(60) == 0, s.log.read_text()
+        assert done["first"].choices[0].finish_reason == "length"  # type: ignore[union-attr]
+        assert done["first"].usage.completion_tokens == 150  # type: ignore[union-attr]
+        assert done["second"] == 500 or done["second"].usage.completion_tokens == 150  # type: ignore[union-attr]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(s.url + "/health", timeout=2)
+    finally:
+        s.stop()
+
+
+def test_rows_joining_a_running_batch_decode_as_they_would_alone(hf_tiny):
+    """In process, on the online engine: rows admitted between steps give their unbatched greedy tokens."""
+    from registry_spec.generation import Batch, GenerationConfig, Row
+    from wizardcoder_plugin.generation.online import Generator
+    from wizardcoder_plugin.model.config import load_config
+    from wizardcoder_plugin.model.runtime import build_model
+
+    gen = Generator(build_model("custom", load_config(hf_tiny / "config.json"), hf_tiny), 10**6, 49152, max_batch=4)
+    prompts = [[5, 17, 2000, 31, 7], [123, 4567, 89], [42] * 20, [9, 9]]
+    alone = [gen.generate([p], GenerationConfig(max_new_tokens=10))[0].token_ids for p in prompts]
+    batch = Batch(gen, 10**6, 49152, 8, 64)
+    batch.open()
+    rows = [Row(p, GenerationConfig(max_new_tokens=10), np.random.default_rng(0)) for p in prompts]
+    sampled = Row(prompts[0], GenerationConfig(max_new_tokens=10, do_sample=True), np.random.default_rng(0))
+    batch.admit(rows[:1])
+    for step in range(40):
+        if step in (2, 3, 5):
+            batch.admit([rows[{2: 1, 3: 2, 5: 3}[step]]])
+        if step == 4:
+            batch.admit([sampled])  # a row needing logits switches the steps to the logits graph
+        batch.step()
+    assert not batch.rows and [r.generated for r in rows] == alone and len(sampled.generated) == 10
