@@ -154,7 +154,7 @@ def test_fp16_export_matches_fp16_online(tmp_path, hf_tiny):
     top-2 gap of 0.008 against a 0.005 rounding difference, so tokens are not compared)."""
     import mindspore as ms
 
-    from wizardcoder_plugin.model.modeling import KVCache, PrefillCell
+    from wizardcoder_plugin.model.inference import KVCache, PrefillCell
 
     config = load_config(hf_tiny / "config.json").model_copy(update={"seq_length": 64})
     net = build_model("custom", config, hf_tiny, precision="fp16")
@@ -180,7 +180,8 @@ def test_multi_head_export_graphs_equal_the_online_model():
 
     from wizardcoder_plugin.export.graphs import DecodeGraph, FullGraph, PrefillGraph
     from wizardcoder_plugin.model.config import GPTBigCodeConfig
-    from wizardcoder_plugin.model.modeling import GPTBigCodeForCausalLM, LastTokenCell
+    from wizardcoder_plugin.model.inference import LastTokenCell
+    from wizardcoder_plugin.model.modeling import GPTBigCodeForCausalLM
     from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()

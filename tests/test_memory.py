@@ -33,7 +33,8 @@ def _nbytes(params) -> int:
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_plan_figures_equal_what_mindspore_allocates(precision):
-    from wizardcoder_plugin.model.modeling import GPTBigCodeForCausalLM, KVCache
+    from wizardcoder_plugin.model.inference import KVCache
+    from wizardcoder_plugin.model.modeling import GPTBigCodeForCausalLM
     from wizardcoder_plugin.model.runtime import init_mindspore
     from wizardcoder_plugin.training.optim import AdamW, fp32_zeros
 

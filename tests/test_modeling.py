@@ -52,7 +52,7 @@ def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     native kernels also through the screened int8 head."""
     ms = init_mindspore()
     from wizardcoder_plugin.kernels import availability, native_kernels
-    from wizardcoder_plugin.model.modeling import DecodeCell, KVCache, PrefillCell
+    from wizardcoder_plugin.model.inference import DecodeCell, KVCache, PrefillCell
 
     if kernels == "native" and not availability()[0]:
         pytest.skip(f"native kernels unavailable here: {availability()[1]}")

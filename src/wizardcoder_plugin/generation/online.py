@@ -176,8 +176,8 @@ class Generator:
 
     def _bucket(self, batch: int, max_len: int, prompt_len: int) -> dict[object, object]:
         """The (batch, max_len) bucket: its KV cache and the graphs sharing it (checked against memory first)."""
+        from ..model.inference import KVCache
         from ..model.memory import check_bucket
-        from ..model.modeling import KVCache
 
         key = (batch, max_len)
         self._head_for(batch)
@@ -193,7 +193,7 @@ class Generator:
         """A prefill graph of `rows` rows into the cache of the (batch, max_len) bucket; greedy on the screened head
         returns token ids, the others logits. Every cell sees one input shape, so each runs in MindSpore's
         "increment" phase (re-entered without walking the cell tree, which matters on a small model's prefill)."""
-        from ..model.modeling import PrefillCell
+        from ..model.inference import PrefillCell
 
         cells = self._bucket(batch, max_len, prompt_len)
         native = self._native if self.head_choice[batch] == "native" else None
@@ -206,7 +206,7 @@ class Generator:
 
     def _decode_cell(self, batch: int, max_len: int, greedy: bool) -> object:
         """The bucket's decode graph; greedy ones return token ids, the others logits."""
-        from ..model.modeling import DecodeCell
+        from ..model.inference import DecodeCell
 
         cells = self._cells[(batch, max_len)]
         kind = "greedy" if greedy else "logits"
@@ -281,7 +281,7 @@ class Generator:
         """The cache-free path: the whole padded sequence through the network, logits at each row's last token."""
         import mindspore as ms
 
-        from ..model.modeling import LastTokenCell
+        from ..model.inference import LastTokenCell
 
         if self._last_token is None:
             self._last_token = LastTokenCell(self.model)

@@ -86,7 +86,7 @@ def head_layout(model: object, batch: int, candidates: list[str], native: object
     import mindspore as ms
     import numpy as np
 
-    from ..model.modeling import LMHeadCell
+    from ..model.inference import LMHeadCell
 
     wte = model.transformer.wte.weight  # type: ignore[attr-defined]
     key = f"{build_tag(native)}/head_layout/{wte.shape}/b{batch}/{wte.dtype}/{'+'.join(candidates)}"
