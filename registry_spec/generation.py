@@ -122,7 +122,6 @@ def check_prompt(ids: list[int], context: int, truncate: bool) -> list[int]:
     return ids
 
 
-
 @dataclass
 class Row:
     """One sequence in a running batch: its prompt, its own selection settings and random stream, its callbacks,
@@ -172,7 +171,7 @@ class Batch:
         """How many rows `admit` takes now."""
         if not self.rows:
             return self.size
-        return self.slots.count(None) if self.can_join and self.cache is not None else 0
+        return self.slots.count(None) if self.can_join else 0  # rows imply a cache
 
     def open(self, use_cache: bool = True) -> None:
         """Make the cache with no rows (so every later row joins): a prefill of padding, which also compiles."""

@@ -52,15 +52,21 @@ class TextTracker:
     def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
         self.tok, self.stop = tokenizer, stop
         self.emitted = ""
+        self._decoded: tuple[int, str] = (0, "")  # (ids decoded, text): the row's ids only grow
 
     def text(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        if self._decoded[0] != len(ids):  # once per token, though streaming and stop checks both ask
+            self._decoded = (len(ids), self.tok.decode(ids, skip_special_tokens=True))
+        return self._decoded[1]
+
+    def _first_stop(self, text: str) -> int | None:
+        return min((text.find(s) for s in self.stop if s in text), default=None)
 
     def _cut(self, text: str) -> int:
         """Where the final text ends if generation stopped now."""
-        found = [text.find(s) for s in self.stop if s in text]
-        if found:
-            return min(found)
+        found = self._first_stop(text)
+        if found is not None:
+            return found
         held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return len(text) - held
 
@@ -76,14 +82,12 @@ class TextTracker:
         return new
 
     def stopped(self, ids: list[int]) -> bool:
-        return bool(self.stop) and any(s in self.text(ids) for s in self.stop)
+        return self._first_stop(self.text(ids)) is not None
 
     def final(self, ids: list[int], finish: str) -> str:
         text = self.text(ids)
-        if finish == "stop":
-            found = [text.find(s) for s in self.stop if s in text]
-            text = text[: min(found, default=len(text))]
-        return text
+        found = self._first_stop(text) if finish == "stop" else None
+        return text if found is None else text[:found]
 
     def rest(self, ids: list[int], finish: str) -> str:
         """What is left to stream once the row has ended."""

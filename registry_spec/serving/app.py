@@ -7,7 +7,7 @@ import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,7 @@ class ServeState:
     api_key: str | None = None
     draining: bool = False
     created: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: {"requests": 0})
+    requests: int = 0
 
 
 def create_app(state: ServeState) -> FastAPI:
@@ -202,7 +202,7 @@ def _submit(state: ServeState, texts: list[str], body: CompletionRequest | ChatR
             raise APIError(429, f"the server is busy: {exc}; retry later", "rate_limit_error",
                            code="queue_full") from None
         raise APIError(503, "the server is shutting down", "server_error", code="shutting_down") from None
-    state.counts["requests"] += 1
+    state.requests += 1
     return sub
 
 

@@ -30,7 +30,7 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Job:
-    """A row and where its events go: ("text", delta, token, logprob), then ("end", finish, rest) or
+    """A row and where its events go: ("text", delta) per token, then ("end", finish, rest) or
     ("error", message). Events are delivered on the submitting event loop."""
 
     row: Row
@@ -38,9 +38,8 @@ class Job:
     deliver: Callable[[tuple], None]
     index: int = 0  # the choice it answers
 
-    def on_token(self, tok: int) -> None:
-        lp = self.row.logprobs[-1] if self.row.logprobs else None
-        self.deliver(("text", self.tracker.delta(self.row.generated), tok, lp))
+    def on_token(self, _tok: int) -> None:
+        self.deliver(("text", self.tracker.delta(self.row.generated)))
 
 
 def async_deliverer(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> Callable[[tuple], None]:
