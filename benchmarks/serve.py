@@ -1,6 +1,7 @@
 """`zoo serve` under load: aggregate throughput and p50/p95 latency at 1, 8 and 32 concurrent streaming clients
 (the official openai client against a real server process), and the warm server's time to first token against a
-bare prefill of the same prompt on the same engine, in-process. Results are appended to RESULTS.md.
+bare prefill of the same prompt on the same engine, in-process, split into what the scheduler adds (in-process,
+no HTTP), what HTTP adds (a bare httpx client) and what the openai client adds. Results are appended to RESULTS.md.
 
     python benchmarks/serve.py [--shapes tiny,tiny_starcoder] [--clients 1,8,32] [--max-tokens 32]
 """
@@ -23,28 +24,51 @@ SHAPES = {"tiny": [], "tiny_starcoder": ["--config", str(HERE / "tiny_starcoder.
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, iteratively.\"\"\"\n    a, b = 0, 1\n"
 
 
-def bare_prefill_ms(extra: list[str]) -> float:
-    """Median of 5 warm batch-1 prefills of PROMPT on the online engine (what a request's first token costs)."""
+def in_process_ms(extra: list[str], slots: int) -> tuple[float, float]:
+    """Medians over warm runs, in this process, on the online engine: a bare batch-1 prefill of PROMPT (what a
+    request's first token costs the engine), and the first token of PROMPT submitted to the server's scheduler
+    (a running batch of `slots` slots: its join, the thread hand-offs, no HTTP)."""
     import numpy as np
 
+    from registry_spec.generation import GenerationConfig, Row
+    from registry_spec.predict import TextTracker
     from registry_spec.registry import Registry
+    from registry_spec.serving.scheduler import Job, Scheduler
     from registry_spec.specs import PredictSpec
 
     config = Path(extra[1]) if extra else None
     engine, tok = Registry().handle("wizardcoder-tiny").generator(
-        PredictSpec(model="wizardcoder-tiny", config=config, batch_size=1))
+        PredictSpec(model="wizardcoder-tiny", config=config, batch_size=slots))
     ids = tok.encode(PROMPT)
     width = 16
     while width < len(ids):
         width *= 2
     row = np.full((1, width), tok.pad_token_id, np.int32)
     row[0, : len(ids)] = ids
-    times = []
-    for _ in range(6):
+    bare = []
+    for _ in range(11):
         t0 = time.perf_counter()
         engine.prefill(row, np.array([len(ids)], np.int32), engine.context_length, True, True)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[1:])
+        bare.append((time.perf_counter() - t0) * 1e3)
+    scheduler = Scheduler(engine, tok.eos_token_id, tok.pad_token_id, slots, 512, 8)
+    scheduler.start(warm_up=ids)
+    first = []
+    for _ in range(11):
+        ended, marks = threading.Event(), []
+
+        def deliver(event: tuple, marks: list = marks, ended: threading.Event = ended) -> None:
+            marks.append(time.perf_counter())
+            if event[0] != "text":
+                ended.set()
+
+        job = Job(Row(list(ids), GenerationConfig(max_new_tokens=1), np.random.default_rng(0)), TextTracker(tok, []),
+                  deliver)
+        t0 = time.perf_counter()
+        scheduler.submit(job)
+        ended.wait(60)
+        first.append((marks[0] - t0) * 1e3)
+    scheduler.stop(10)
+    return statistics.median(bare[1:]), statistics.median(first[1:])
 
 
 def start_server(extra: list[str], slots: int) -> tuple[subprocess.Popen, str]:
@@ -104,6 +128,25 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict[str, fl
             "ttft_ms": statistics.median(ttfts) * 1e3}
 
 
+def raw_ttft_ms(url: str, max_tokens: int, requests: int = 20) -> float:
+    """Median time to the first SSE event of a streamed completion over a bare HTTP client (httpx, one
+    connection): the server's part of the TTFT without the openai client's own cost."""
+    import httpx2
+
+    body = {"model": "wizardcoder-tiny", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    times = []
+    with httpx2.Client(timeout=600) as client:
+        for _ in range(requests):
+            t0, first = time.perf_counter(), None
+            with client.stream("POST", url + "/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if first is None and line.startswith("data:"):
+                        first = time.perf_counter()
+            times.append(((first or time.perf_counter()) - t0) * 1e3)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="tiny,tiny_starcoder")
@@ -117,7 +160,7 @@ def main() -> None:
     notes = []
     for shape in args.shapes.split(","):
         extra = SHAPES[shape]
-        prefill = bare_prefill_ms(extra)
+        prefill, scheduled = in_process_ms(extra, args.slots)
         proc, url = start_server(extra, args.slots)
         try:
             load(url, 1, 2, args.max_tokens)  # untimed: the prompt's prefill bucket compiles on its first request
@@ -130,8 +173,12 @@ def main() -> None:
                              f"{r['tokens_per_s'] / base:.2f}× | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
                              f"{r['ttft_ms']:.1f} |")
                 if c == 1:
-                    notes.append(f"- {shape}: warm TTFT at 1 client {r['ttft_ms']:.1f} ms against a bare batch-1 "
-                                 f"prefill of {prefill:.1f} ms in-process ({r['ttft_ms'] / prefill:.2f}×)")
+                    raw = raw_ttft_ms(url, args.max_tokens)
+                    notes.append(f"- {shape}: warm TTFT at 1 client {r['ttft_ms']:.1f} ms (openai client), "
+                                 f"{raw:.1f} ms (bare httpx) against a bare batch-1 prefill of {prefill:.1f} ms "
+                                 f"in-process ({r['ttft_ms'] / prefill:.2f}×, {raw / prefill:.2f}×); the "
+                                 f"scheduler's first token in-process, without HTTP: {scheduled:.1f} ms "
+                                 f"({scheduled / prefill:.2f}×)")
                 print(lines[-1], flush=True)
         finally:
             proc.terminate()

@@ -48,6 +48,26 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
+    """Yields an empty hidden staging folder inside `folder`. On success each file written there is renamed into
+    `folder` (`last` after the others: the file whose presence marks the output complete), on failure none is;
+    for outputs that share their folder with other files (a model folder, a data file and its index)."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".staged-", suffix=".tmp"))  # same filesystem: renames
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == last):
+            os.replace(f, folder / f.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a failed run leaves no trace, not even an empty folder
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -67,7 +67,7 @@ def add_spec_flags(parser: argparse.ArgumentParser, spec_cls: Any, positional: t
             continue
         scalar, choices = _scalar(inner)
         if is_list:
-            free = bool((info.json_schema_extra or {}).get("free_text"))  # type: ignore[union-attr]
+            free = bool((info.json_schema_extra or {}).get("free_text"))
             parser.add_argument(flag, dest=name, action="append", default=None, metavar=name.upper(),
                                 help=(helptext + " (repeatable)" if free else helptext + " (comma list)").strip())
             parser.set_defaults(**{f"_list_{name}": (scalar, free, choices)})

@@ -26,10 +26,22 @@ class Engine(Protocol):
     the rows `slots` [k] of a running cache, leaving the other rows as they are. With it a running batch takes new
     rows between steps (continuous batching, `zoo serve`); without it new rows wait until the batch is empty."""
 
-    context_length: int  # tokens a row may hold, prompt and generated
-    max_batch: int  # rows per call
-    fixed_batch: int | None  # graphs of one batch size only (exported): every call has exactly this many rows
-    fixed_length: int | None  # graphs of one sequence length only: prompts padded to it, the cache this long
+    # read-only properties, so that an engine may compute them or keep them as plain attributes
+    @property
+    def context_length(self) -> int:
+        """Tokens a row may hold, prompt and generated."""
+
+    @property
+    def max_batch(self) -> int:
+        """Rows per call."""
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """Graphs of one batch size only (exported): every call has exactly this many rows."""
+
+    @property
+    def fixed_length(self) -> int | None:
+        """Graphs of one sequence length only: prompts padded to it, the cache this long."""
 
     def prefill(self, ids: np.ndarray, lengths: np.ndarray, max_len: int, greedy: bool,
                 use_cache: bool) -> tuple[np.ndarray, Any]:

@@ -169,3 +169,25 @@ def test_schemas_match_committed_snapshots():
             "`python -m registry_spec.schemas` to refresh the snapshots")
     r = zoo("spec", "schema", "PredictSpec")
     assert r.returncode == 0 and "max_new_tokens" in json.loads(r.stdout)["properties"]
+
+
+def test_staged_files_move_everything_or_nothing(tmp_path):
+    from registry_spec.atomic import staged_files
+
+    out = tmp_path / "new" / "model"
+    with pytest.raises(RuntimeError), staged_files(out) as tmp:
+        (tmp / "a.bin").write_bytes(b"a")
+        raise RuntimeError("interrupted")
+    assert not (tmp_path / "new" / "model").exists()  # a failed run leaves not even the folder it created
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("user file")
+    with staged_files(out, last="data") as tmp:
+        (tmp / "data").write_text("data")
+        (tmp / "data.db").write_text("index")
+        assert not (out / "data").exists()  # nothing appears under the final names before the end
+    assert sorted(p.name for p in out.iterdir()) == ["data", "data.db", "keep.txt"]
+    with pytest.raises(RuntimeError), staged_files(out) as tmp:
+        (tmp / "data").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (out / "data").read_text() == "data" and sorted(p.name for p in out.iterdir()) == [
+        "data", "data.db", "keep.txt"]

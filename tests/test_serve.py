@@ -197,6 +197,20 @@ def test_a_disconnected_stream_frees_its_row(server):
     assert after["completed"] == before["completed"]
 
 
+def test_a_client_gone_before_a_plain_completion_ends_frees_its_row(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "wizardcoder-tiny", "prompt": "def", "max_tokens": 250, "temperature": 0}
+    before = httpx.get(server.url + "/health").json()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=httpx.Timeout(5, read=0.05))
+    deadline = time.time() + 5
+    while httpx.get(server.url + "/health").json()["cancelled"] == before["cancelled"] and time.time() < deadline:
+        time.sleep(0.02)
+    after = httpx.get(server.url + "/health").json()
+    assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
+    assert after["completed"] == before["completed"]
+
+
 def test_full_queue_is_429_and_sigterm_finishes_in_flight_requests(hf_dir, tmp_path):
     s = Server(hf_dir, tmp_path, "--max-batch-size", "1", "--max-queue", "1")
     try:

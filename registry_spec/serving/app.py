@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..components import Tokenizer
 from ..errors import ZooError
@@ -81,14 +82,8 @@ def create_app(state: ServeState) -> FastAPI:
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
 
-    @app.middleware("http")
-    async def _auth_first(request: Request, call_next: Callable) -> Any:  # before the body is even read
-        if request.url.path.startswith("/v1/"):
-            try:
-                _authorize(state, request)
-            except APIError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status)
-        return await call_next(request)
+    if state.api_key is not None:
+        app.add_middleware(_KeyCheck, key=state.api_key)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -113,7 +108,7 @@ def create_app(state: ServeState) -> FastAPI:
         rid = request_id("cmpl")
         sub = _submit(state, texts, body, body.max_tokens, logprobs=body.logprobs is not None)
         if body.stream:
-            return _stream(state, request, sub, rid, chat=False)
+            return _stream(state, sub, rid, chat=False)
         results = await _collect(state, request, sub)
         choices = [{"index": i, "text": text, "finish_reason": finish_reason(finish),
                     "logprobs": _completion_logprobs(state, job) if body.logprobs is not None else None}
@@ -128,7 +123,7 @@ def create_app(state: ServeState) -> FastAPI:
         rid = request_id("chatcmpl")
         sub = _submit(state, [text], body, body.max_completion_tokens or body.max_tokens, logprobs=body.logprobs)
         if body.stream:
-            return _stream(state, request, sub, rid, chat=True)
+            return _stream(state, sub, rid, chat=True)
         ((job, content, finish),) = await _collect(state, request, sub)
         choice = {"index": 0, "message": {"role": "assistant", "content": content},
                   "finish_reason": finish_reason(finish),
@@ -138,14 +133,22 @@ def create_app(state: ServeState) -> FastAPI:
     return app
 
 
-def _authorize(state: ServeState, request: Request) -> None:
-    if state.api_key is None:
-        return
-    given = request.headers.get("authorization", "")
-    token = given[7:] if given.lower().startswith("bearer ") else ""
-    if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-        raise APIError(401, "invalid API key: send it as 'Authorization: Bearer KEY'", "authentication_error",
-                       code="invalid_api_key")
+class _KeyCheck:
+    """401 for a /v1/ request without the server's key, before the body is read (a pure ASGI middleware:
+    Starlette's BaseHTTPMiddleware would wrap every streamed response in a task group and a memory stream)."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.expected = app, f"bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given[:7].lower() + given[7:], self.expected):
+                exc = APIError(401, "invalid API key: send it as 'Authorization: Bearer KEY'",
+                               "authentication_error", code="invalid_api_key")
+                await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _check_model(state: ServeState, name: str) -> None:
@@ -211,17 +214,15 @@ def _cancel(state: ServeState, jobs: list[Job]) -> None:
         state.scheduler.cancel(job)
 
 
-async def _events(state: ServeState, request: Request, sub: Submission) -> AsyncIterator[tuple[int, tuple]]:
-    """(job index, event) as they come, until every job has ended; a disconnected client cancels the rest."""
+async def _events(state: ServeState, sub: Submission) -> AsyncIterator[tuple[int, tuple]]:
+    """(job index, event) as they come, until every job has ended or the client has gone; whatever has not
+    ended when this stops (a disconnect, or the stream's task cancelled by one) is cancelled."""
     ended: set[int] = set()
     try:
         while len(ended) < len(sub.jobs):
-            try:
-                index, event = await asyncio.wait_for(sub.queue.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
+            index, event = await sub.queue.get()
+            if event[0] == "disconnected":
+                return
             if event[0] == "error":
                 raise APIError(500, event[1], "server_error")
             yield index, event
@@ -231,20 +232,31 @@ async def _events(state: ServeState, request: Request, sub: Submission) -> Async
         _cancel(state, [j for j in sub.jobs if j.index not in ended])
 
 
+async def _watch(request: Request, queue: asyncio.Queue) -> None:
+    """Wake the waiting route when the client disconnects (the body has been read: the next message is it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait((-1, ("disconnected",)))
+
+
 async def _collect(state: ServeState, request: Request, sub: Submission) -> list[tuple[Job, str, str]]:
     """Each job's (job, final text, finish) once all have ended."""
     parts: dict[int, list[str]] = {j.index: [] for j in sub.jobs}
     finish: dict[int, str] = {}
-    async for index, event in _events(state, request, sub):
-        parts[index].append(event[1] if event[0] == "text" else event[2])
-        if event[0] == "end":
-            finish[index] = event[1]
+    watcher = asyncio.create_task(_watch(request, sub.queue))
+    try:
+        async for index, event in _events(state, sub):
+            parts[index].append(event[1] if event[0] == "text" else event[2])
+            if event[0] == "end":
+                finish[index] = event[1]
+    finally:
+        watcher.cancel()
     if len(finish) < len(sub.jobs):
         raise APIError(499, "the client disconnected", "invalid_request_error")
     return [(j, "".join(parts[j.index]), finish[j.index]) for j in sub.jobs]
 
 
-def _stream(state: ServeState, request: Request, sub: Submission, rid: str, chat: bool) -> EventSourceResponse:
+def _stream(state: ServeState, sub: Submission, rid: str, chat: bool) -> EventSourceResponse:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> str:
@@ -257,11 +269,12 @@ def _stream(state: ServeState, request: Request, sub: Submission, rid: str, chat
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
         return json.dumps(envelope(kind, state.model, [choice], rid))
 
+    # sse-starlette watches for the client's disconnect and cancels `events` (and so `_events`) when it goes
     async def events() -> AsyncIterator[str]:
         try:
             if chat:
                 yield chunk(0, None, None, first=True)
-            async for index, event in _events(state, request, sub):
+            async for index, event in _events(state, sub):
                 if event[0] == "text" and event[1]:
                     yield chunk(index, event[1], None)
                 elif event[0] == "end":

@@ -111,7 +111,7 @@ class Model:
         source = find_weights(model.name, weights)
         if source is None:
             net = build_model(model.name, cfg, None)
-            return {p.name: p.asnumpy() for p in net.get_parameters()}  # type: ignore[attr-defined]
+            return {p.name: p.asnumpy() for p in net.get_parameters()}
         return {n: as_dtype(t.read(), t.dtype, "F32") for n, t in collect(source, cfg).items()}
 
     def bench(self, model: Any, spec: BenchSpec) -> BenchResult:

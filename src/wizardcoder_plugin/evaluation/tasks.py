@@ -337,11 +337,11 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
     todo = [p for p in problems if p.task_id not in done]
     if todo:
         gen, tok = generator_for()  # type: ignore[operator]
-        context = min(spec.max_length, gen.context_length)  # type: ignore[attr-defined]
+        context = min(spec.max_length, gen.context_length)
         sampling = spec.temperature > 0
 
         def generate(prompts: list[str]) -> list[list[str]]:
-            encoded = [tok.encode(p) for p in prompts]  # type: ignore[attr-defined]
+            encoded = [tok.encode(p) for p in prompts]
             fits = [i for i, e in enumerate(encoded) if len(e) < context]
             texts: list[list[str]] = [[""] * spec.n_samples for _ in prompts]  # too long: an empty answer
             if fits:
@@ -349,7 +349,7 @@ def run_eval(spec: EvalSpec, generator_for: object, progress: bool = True) -> Ev
                 cfg = GenerationConfig(max_new_tokens=context - min(map(len, batch)), max_length=context,
                                        do_sample=sampling, temperature=spec.temperature if sampling else 1.0,
                                        top_p=spec.top_p, seed=0)
-                outs = generate_ids(gen, batch, cfg, tok.eos_token_id, tok.pad_token_id)  # type: ignore
+                outs = generate_ids(gen, batch, cfg, tok.eos_token_id, tok.pad_token_id)
                 for j, i in enumerate(fits):
                     texts[i] = [tok.decode(o.token_ids) for o in outs[j * spec.n_samples:(j + 1) * spec.n_samples]]
             return texts

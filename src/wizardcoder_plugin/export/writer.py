@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry_spec import __spec_version__
 from registry_spec.atomic import atomic_dir
@@ -21,6 +22,10 @@ from registry_spec.specs import ExportResult, ExportSpec
 
 from .. import __version__
 from ..model.config import GPTBigCodeConfig
+
+if TYPE_CHECKING:
+    from ..model.modeling import GPTBigCodeForCausalLM
+    from ..text.tokenizer import WizardCoderTokenizer
 
 BACKENDS = ("mindir", "onnx", "lite")
 GRAPHS = {"incremental": ("prefill", "decode"), "autoregressive": ("full",)}
@@ -95,8 +100,8 @@ def _name_onnx_io(path: Path, graph: str) -> None:
     onnx.save(model, str(path))
 
 
-def run_export(spec: ExportSpec, model: object, config: GPTBigCodeConfig, tokenizer: object,
-               source: Path | None, seed: int = 0) -> ExportResult:
+def run_export(spec: ExportSpec, model: GPTBigCodeForCausalLM, config: GPTBigCodeConfig,
+               tokenizer: WizardCoderTokenizer, source: Path | None, seed: int = 0) -> ExportResult:
     import mindspore as ms
 
     from .graphs import DecodeGraph, FullGraph, PrefillGraph, example_inputs
@@ -138,7 +143,7 @@ def run_export(spec: ExportSpec, model: object, config: GPTBigCodeConfig, tokeni
                 graphs[graph] = {"file": file, **_signature(config, graph, spec.batch_size, seq)}
             if spec.backend == "lite":
                 (tmp / "lite_ascend.ini").write_text(LITE_ASCEND_CONFIG)
-            tokenizer.backend.save(str(tmp / "tokenizer.json"))  # type: ignore[attr-defined]
+            tokenizer.backend.save(str(tmp / "tokenizer.json"))
             files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             manifest = {
                 "format": "zoo-export/1", "spec_version": __spec_version__,
@@ -148,8 +153,8 @@ def run_export(spec: ExportSpec, model: object, config: GPTBigCodeConfig, tokeni
                 "runtime": ("mindspore-lite 2.0.0 (python3.7 worker)" if worker is not None else
                             "mindspore_lite (in process)" if spec.backend == "lite" else spec.backend),
                 "architecture": config.model_dump(), "graphs": graphs,
-                "tokenizer": {"file": "tokenizer.json", "eos_token_id": tokenizer.eos_token_id,  # type: ignore
-                              "pad_token_id": tokenizer.pad_token_id},  # type: ignore[attr-defined]
+                "tokenizer": {"file": "tokenizer.json", "eos_token_id": tokenizer.eos_token_id,
+                              "pad_token_id": tokenizer.pad_token_id},
                 "source_weights": weights_digest(source, seed), "files": files,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -6,13 +6,20 @@ selection, bucket sizes and the loop itself are the host's (`registry_spec.gener
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from registry_spec.errors import InputError
 from registry_spec.generation import GenerationConfig, GenerationOutput, generate
+
+if TYPE_CHECKING:  # mindspore is imported where the engine runs, never to list or check it
+    from mindspore import Parameter, Tensor
+
+    from ..kernels import NativeKernels
+    from ..model.inference import DecodeCell, KVCache, LastTokenCell, PrefillCell
+    from ..model.modeling import GPTBigCodeForCausalLM
 
 HEAD_LAYOUTS = ("auto", "tied", "transposed")
 KERNELS = ("auto", "native", "mindspore")
@@ -27,6 +34,15 @@ class _Running:
     bucket: tuple[int, int]  # (batch, max_len)
     greedy: bool  # what the prefill asked for: the default of each step
     ids: np.ndarray | None = None
+
+
+@dataclass
+class _Bucket:
+    """A (batch, max_len) bucket: its KV cache, and the prefill and decode graphs that share it."""
+
+    cache: KVCache
+    prefill: dict[tuple[int, int, bool], PrefillCell] = field(default_factory=dict)  # (rows, prompt_len, screened)
+    decode: dict[bool, DecodeCell] = field(default_factory=dict)  # greedy -> its graph
 
 
 class Generator:
@@ -48,28 +64,28 @@ class Generator:
     fp32 argmax, reading about a quarter of the head's bytes. The copy (V x E bytes) is a snapshot, refreshed by
     `sync_weights()`."""
 
-    def __init__(self, model: object, eos_token_id: int, pad_token_id: int, max_batch: int = 8,
+    def __init__(self, model: GPTBigCodeForCausalLM, eos_token_id: int, pad_token_id: int, max_batch: int = 8,
                  head_layout: str = "auto", kernels: str = "auto", screened_head: bool = True) -> None:
         if head_layout not in HEAD_LAYOUTS:
             raise InputError(f"unknown head layout {head_layout!r}", f"use one of {', '.join(HEAD_LAYOUTS)}")
         if kernels not in KERNELS:
             raise InputError(f"unknown kernels {kernels!r}", f"use one of {', '.join(KERNELS)}")
         self.model = model
-        self.config = model.config  # type: ignore[attr-defined]
+        self.config = model.config
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch = max_batch
         self.head_layout, self.kernels = head_layout, kernels
-        self._cells: dict[tuple[int, int], dict[object, object]] = {}  # (batch, max_len) -> cache and graphs
+        self._cells: dict[tuple[int, int], _Bucket] = {}  # (batch, max_len) -> its bucket
         self._sizes: set[tuple] = set()  # ((batch, max_len), prompt_len) checked against memory
-        self._last_token: object | None = None
-        self._head_t: object | None = None  # the transposed copy, made when a bucket first uses it
-        self._native: object | None = None
-        self._screen: tuple[object, object] | None = None  # the LM head's int8 screening copy (greedy, native)
+        self._last_token: LastTokenCell | None = None
+        self._head_t: Parameter | None = None  # the transposed copy, made when a bucket first uses it
+        self._native: NativeKernels | None = None
+        self._screen: tuple[Parameter, Parameter] | None = None  # the LM head's int8 screening copy (greedy, native)
         self.screened_head = screened_head
         self.native_unavailable = ""  # why the native kernels are not used, where "auto" fell back
         self.head_choice: dict[int, str] = {}  # batch size -> native | tied | transposed
 
-    def _native_kernels(self) -> object | None:
+    def _native_kernels(self) -> NativeKernels | None:
         """The native kernels if they may run here, else None (for "auto") or an InputError (for "native")."""
         import mindspore as ms
 
@@ -78,7 +94,7 @@ class Generator:
         if self.kernels == "mindspore":
             return None
         if self._native is None and not self.native_unavailable:
-            dtype = self.model.transformer.wte.weight.dtype  # type: ignore[attr-defined]
+            dtype = self.model.transformer.wte.weight.dtype
             if ms.get_context("device_target") != "CPU" or dtype != ms.float32:
                 self.native_unavailable = f"native kernels are for fp32 on CPU, not {dtype} on " \
                                           f"{ms.get_context('device_target')}"
@@ -91,7 +107,7 @@ class Generator:
             raise InputError(self.native_unavailable, "use kernels='auto' or 'mindspore' (MindSpore's MatMul)")
         return self._native
 
-    def _head_for(self, batch: int) -> object | None:
+    def _head_for(self, batch: int) -> Parameter | None:
         """The transposed head copy if `batch`-row graphs should read it, else None (the tied embedding or the
         native kernel: see `head_choice`)."""
         if batch not in self.head_choice:
@@ -100,9 +116,9 @@ class Generator:
                 self._head_t = None  # a probe's copy that no graph reads: free it
         return self._transposed_head() if self.head_choice[batch] == "transposed" else None
 
-    def _transposed_head(self) -> object:
+    def _transposed_head(self) -> Parameter:
         if self._head_t is None:
-            self._head_t = self.model.transposed_head()  # type: ignore[attr-defined]
+            self._head_t = self.model.transposed_head()
         return self._head_t
 
     def _pick_head_layout(self, batch: int) -> str:
@@ -113,7 +129,7 @@ class Generator:
         native = self._native_kernels()
         if self.kernels == "native":
             return "native"
-        wte = self.model.transformer.wte.weight  # type: ignore[attr-defined]
+        wte = self.model.transformer.wte.weight
         candidates = {"native": None} if native is not None else {}
         if self.head_layout != "auto":
             candidates[self.head_layout] = None
@@ -134,8 +150,8 @@ class Generator:
         choice = self.head_choice.get(batch)
         if choice is None:
             return {}
-        if choice == "native":
-            used = {"kernels": "native", "kernel_threads": self._native.threads}  # type: ignore[attr-defined]
+        if choice == "native" and self._native is not None:
+            used: dict[str, object] = {"kernels": "native", "kernel_threads": self._native.threads}
             return {**used, "greedy_head": "screened"} if self._screen is not None else used
         return {"kernels": "mindspore", "head_layout": choice}
 
@@ -143,24 +159,24 @@ class Generator:
         """Refresh the head's copies (transposed, screening) from the model's current embedding (after an in-place
         weight change)."""
         if self._head_t is not None:
-            self._head_t.set_data(self.model.transposed_head())  # type: ignore[attr-defined]
+            self._head_t.set_data(self.model.transposed_head())
         if self._screen is not None:
             tables = self._screen_tables()
             if tables is None:
                 raise InputError("the LM head has non-finite weights: the screened greedy head cannot run on them",
                                  "check the weights, or build the Generator with screened_head=False")
             for param, table in zip(self._screen, tables, strict=True):
-                param.set_data(table)  # type: ignore[attr-defined]
+                param.set_data(table)
 
-    def _screen_tables(self) -> tuple[object, object] | None:
+    def _screen_tables(self) -> tuple[Tensor, Tensor] | None:
         import mindspore as ms
 
         from ..kernels.head import greedy_tables
 
-        tables = greedy_tables(self.model.transformer.wte.weight.asnumpy())  # type: ignore[attr-defined]
+        tables = greedy_tables(self.model.transformer.wte.weight.asnumpy())
         return None if tables is None else (ms.Tensor(tables[0]), ms.Tensor(tables[1]))
 
-    def _screen_for(self, native: object | None, greedy: bool) -> tuple[object, object] | None:
+    def _screen_for(self, native: NativeKernels | None, greedy: bool) -> tuple[Parameter, Parameter] | None:
         """The screening copy's parameters where a greedy native graph should read it (made on first use)."""
         if native is None or not greedy or not self.screened_head:
             return None
@@ -174,7 +190,7 @@ class Generator:
                             ms.Parameter(tables[1], name="lm_head.screen_info", requires_grad=False))
         return self._screen
 
-    def _bucket(self, batch: int, max_len: int, prompt_len: int) -> dict[object, object]:
+    def _bucket(self, batch: int, max_len: int, prompt_len: int) -> _Bucket:
         """The (batch, max_len) bucket: its KV cache and the graphs sharing it (checked against memory first)."""
         from ..model.inference import KVCache
         from ..model.memory import check_bucket
@@ -182,48 +198,47 @@ class Generator:
         key = (batch, max_len)
         self._head_for(batch)
         if key not in self._cells or (key, prompt_len) not in self._sizes:
-            check_bucket(self.config, self.model.precision, batch, max_len, prompt_len)  # type: ignore[attr-defined]
+            check_bucket(self.config, self.model.precision, batch, max_len, prompt_len)
             self._sizes.add((key, prompt_len))
         if key not in self._cells:
-            dtype = self.model.transformer.wte.weight.dtype  # type: ignore[attr-defined]
-            self._cells[key] = {"cache": KVCache(self.config, batch, max_len, dtype, tag=f"b{batch}t{max_len}")}
+            dtype = self.model.transformer.wte.weight.dtype
+            self._cells[key] = _Bucket(KVCache(self.config, batch, max_len, dtype, tag=f"b{batch}t{max_len}"))
         return self._cells[key]
 
-    def _prefill_cell(self, batch: int, max_len: int, rows: int, prompt_len: int, greedy: bool) -> object:
+    def _prefill_cell(self, batch: int, max_len: int, rows: int, prompt_len: int, greedy: bool) -> PrefillCell:
         """A prefill graph of `rows` rows into the cache of the (batch, max_len) bucket; greedy on the screened head
         returns token ids, the others logits. Every cell sees one input shape, so each runs in MindSpore's
         "increment" phase (re-entered without walking the cell tree, which matters on a small model's prefill)."""
         from ..model.inference import PrefillCell
 
-        cells = self._bucket(batch, max_len, prompt_len)
+        bucket = self._bucket(batch, max_len, prompt_len)
         native = self._native if self.head_choice[batch] == "native" else None
         screen = self._screen_for(native, greedy)
-        key = ("prefill", rows, prompt_len, screen is not None)
-        if key not in cells:
-            cells[key] = PrefillCell(self.model, cells["cache"], self._head_for(batch), native, screen)
-            cells[key].phase = "increment"
-        return cells[key]
+        key = (rows, prompt_len, screen is not None)
+        if key not in bucket.prefill:
+            bucket.prefill[key] = PrefillCell(self.model, bucket.cache, self._head_for(batch), native, screen)
+            bucket.prefill[key].phase = "increment"
+        return bucket.prefill[key]
 
-    def _decode_cell(self, batch: int, max_len: int, greedy: bool) -> object:
+    def _decode_cell(self, batch: int, max_len: int, greedy: bool) -> DecodeCell:
         """The bucket's decode graph; greedy ones return token ids, the others logits."""
         from ..model.inference import DecodeCell
 
-        cells = self._cells[(batch, max_len)]
-        kind = "greedy" if greedy else "logits"
-        if kind not in cells:
+        bucket = self._cells[(batch, max_len)]
+        if greedy not in bucket.decode:
             native = self._native if self.head_choice[batch] == "native" else None
-            cells[kind] = DecodeCell(self.model, cells["cache"], greedy=greedy, head_t=self._head_for(batch),
-                                     native=native, screen=self._screen_for(native, greedy))
-        return cells[kind]
+            bucket.decode[greedy] = DecodeCell(self.model, bucket.cache, greedy=greedy, head_t=self._head_for(batch),
+                                               native=native, screen=self._screen_for(native, greedy))
+        return bucket.decode[greedy]
 
-    def _compile(self, cell: object, args: tuple) -> None:
+    def _compile(self, cell: PrefillCell | DecodeCell, args: tuple) -> None:
         from ..model.runtime import compile_cell
 
-        compile_cell(cell, args, {"config": self.config.model_dump(), "precision": self.model.precision})  # type: ignore
+        compile_cell(cell, args, {"config": self.config.model_dump(), "precision": self.model.precision})
 
     # ------------------------------------------------------------------------------------- the Engine protocol
-    fixed_batch = None
-    fixed_length = None
+    fixed_batch: int | None = None
+    fixed_length: int | None = None
 
     @property
     def context_length(self) -> int:
@@ -260,7 +275,7 @@ class Generator:
              greedy: bool | None = None) -> np.ndarray:
         import mindspore as ms
 
-        if cache.kind == "full":
+        if cache.ids is not None:  # the cache-free path ("full")
             cache.ids[np.arange(cache.ids.shape[0]), positions] = tokens
             return self._full_logits(cache.ids, positions + 1)
         cell = self._decode_cell(*cache.bucket, cache.greedy if greedy is None else greedy)

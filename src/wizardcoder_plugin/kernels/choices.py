@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import cache_dir
 
+if TYPE_CHECKING:
+    from ..model.modeling import GPTBigCodeForCausalLM
+    from . import NativeKernels
 
-def fastest_call(cells: dict[object, Callable], args: tuple, rounds: int = 4, calls: int = 4) -> dict[object, float]:
+
+def fastest_call(cells: Mapping[Any, Callable], args: tuple, rounds: int = 4, calls: int = 4) -> dict[Any, float]:
     """Each cell's fastest single call `cell(*args)` (seconds) over blocks of calls, the cells taking turns block by
     block in an order that flips every round: the minimum resists the noise of a shared machine, blocks keep one
     cell's weights warm while it is timed, and the flip keeps either from always following the other."""
@@ -68,17 +73,17 @@ def remember(new: dict[str, str]) -> None:
         pass
 
 
-def build_tag(native: object | None) -> str:
+def build_tag(native: NativeKernels | None) -> str:
     """The part of a choice's key that names the kernels it was timed with (build and thread count)."""
     if native is None:
         return "mindspore"
-    return f"{native.library.stem}/threads{native.threads}"  # type: ignore[attr-defined]
+    return f"{native.library.stem}/threads{native.threads}"
 
 
 NATIVE_BLOCKS_CREDIT = 1.2  # the native head may be this much slower and still win: its blocks are faster
 
 
-def head_layout(model: object, batch: int, candidates: list[str], native: object | None,
+def head_layout(model: GPTBigCodeForCausalLM, batch: int, candidates: list[str], native: NativeKernels | None,
                 transposed: Callable[[], object]) -> str:
     """The LM head for `batch`-row decoding among `candidates` (native, tied, transposed: the same products):
     cached, else timed, two compiled instances per candidate (one instance's speed can be off for its lifetime:
@@ -88,7 +93,7 @@ def head_layout(model: object, batch: int, candidates: list[str], native: object
 
     from ..model.inference import LMHeadCell
 
-    wte = model.transformer.wte.weight  # type: ignore[attr-defined]
+    wte = model.transformer.wte.weight
     key = f"{build_tag(native)}/head_layout/{wte.shape}/b{batch}/{wte.dtype}/{'+'.join(candidates)}"
     if (known := cached().get(key)) in candidates:  # timed by an earlier run: a warm start probes nothing
         return known
@@ -111,8 +116,9 @@ def head_layout(model: object, batch: int, candidates: list[str], native: object
 BACKWARDS = ("mindspore", "chunked", "native")
 
 
-def choose_backwards(model: object, rows: int, native: object | None, recorded: dict[str, str] | None = None,
-                      min_features: int = 2048, agree: Callable[[dict], dict] | None = None) -> dict[str, str]:
+def choose_backwards(model: GPTBigCodeForCausalLM, rows: int, native: NativeKernels | None,
+                     recorded: dict[str, str] | None = None, min_features: int = 2048,
+                     agree: Callable[[dict], dict] | None = None) -> dict[str, str]:
     """On CPU, the backward of each linear shape: MindSpore's, `ChunkedBackwardDense(2)` (shapes of at least
     `min_features` inputs; identical results) or `NativeBackwardDense` (`native` kernels, fp32 weights; fp32 with
     another summation order). The layers of each shape get, in this order of precedence: the `recorded` choice (a
@@ -127,11 +133,13 @@ def choose_backwards(model: object, rows: int, native: object | None, recorded: 
     if ms.get_context("device_target") != "CPU":
         return {}
     layers: dict[str, list] = {}
-    for _, cell in model.cells_and_names():  # type: ignore[attr-defined]
+    for _, cell in model.cells_and_names():
         if isinstance(cell, Linear):
             layers.setdefault("x".join(map(str, cell.weight.shape)), []).append(cell)
-    make = {"chunked": lambda: ChunkedBackwardDense(2),
-            "native": lambda: NativeBackwardDense(native.linear_backward)}  # type: ignore[attr-defined]
+    make: dict[str, Callable[[], Any]] = {"chunked": lambda: ChunkedBackwardDense(2)}
+    if native is not None:
+        backward = native.linear_backward
+        make["native"] = lambda: NativeBackwardDense(backward)
     options = {}
     for shape, cells in layers.items():
         k, dtype = cells[0].weight.shape[1], cells[0].weight.dtype

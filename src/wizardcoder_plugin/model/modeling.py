@@ -16,6 +16,8 @@ Three entry points share the same blocks:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import mindspore as ms
 import numpy as np
@@ -23,6 +25,9 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from .config import GPTBigCodeConfig
+
+if TYPE_CHECKING:
+    from ..kernels import NativeKernels
 
 _DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 MASK_MIN = float(np.finfo(np.float32).min)
@@ -82,7 +87,7 @@ class NativeBackwardDense(Dense):
     CPU MatMul on the backward products of some shapes by up to 2x. Same math, other rounding order; the trainer
     times it against the others per shape."""
 
-    def __init__(self, backward: object) -> None:
+    def __init__(self, backward: Callable) -> None:
         super().__init__()
         self.backward = backward
 
@@ -114,7 +119,7 @@ class LayerNorm(nn.Cell):
         self.weight = Parameter(initializer("ones", (hidden,), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (hidden,), ms.float32), name="bias")
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
-        self.native = None
+        self.native: Callable | None = None
         self.eps = Tensor(np.array([eps], dtype=np.float32))
 
     def construct(self, x: Tensor) -> Tensor:
@@ -138,7 +143,8 @@ class Activation(nn.Cell):
         self.inv_sqrt2 = 1.0 / math.sqrt(2.0)
         self.c1 = 2.0 * math.sqrt(2.0 / math.pi)
         self.c3 = self.c1 * 0.044715
-        self.native = None  # kernels.NativeKernels.gelu: one pass forward and one backward (training on CPU)
+        # kernels.NativeKernels.gelu: one pass forward and one backward (training on CPU)
+        self.native: Callable | None = None
         self.meta = Tensor(np.array([self.exact], dtype=np.float32))
 
     def construct(self, x: Tensor) -> Tensor:
@@ -324,7 +330,8 @@ class GPTBigCodeForCausalLM(nn.Cell):
         self.head_matmul = ops.MatMul(transpose_b=True)  # tied head: no per-call transpose of the embedding
         self.head_matmul_t = ops.MatMul()
 
-    def lm_head(self, hidden: Tensor, weight_t: Parameter | None = None, native_linear: object | None = None) -> Tensor:
+    def lm_head(self, hidden: Tensor, weight_t: Parameter | None = None,
+                native_linear: Callable | None = None) -> Tensor:
         """hidden [..., E] -> fp32 logits [..., V] from the tied embedding [V, E], or from `weight_t`, a transposed
         copy [E, V] (see `transposed_head`), or through `native_linear` (kernels.NativeKernels.linear, reading the
         embedding as stored): the same products, on the kernel or layout that may read them faster."""
@@ -339,14 +346,14 @@ class GPTBigCodeForCausalLM(nn.Cell):
             logits = self.head_matmul_t(flat, weight_t)
         return logits.astype(ms.float32).reshape(shape[:-1] + (logits.shape[-1],))
 
-    def use_native_training_kernels(self, native: object) -> None:
+    def use_native_training_kernels(self, native: NativeKernels) -> None:
         """Every LayerNorm and MLP activation on the native CPU kernels (`native`: kernels.NativeKernels), forward
         and backward: for training on CPU, before its graphs compile."""
         for _, cell in self.cells_and_names():
             if isinstance(cell, LayerNorm):
-                cell.native = native.layer_norm  # type: ignore[attr-defined]
+                cell.native = native.layer_norm
             elif isinstance(cell, Activation):
-                cell.native = native.gelu  # type: ignore[attr-defined]
+                cell.native = native.gelu
 
     def transposed_head(self) -> Parameter:
         """A copy of the tied embedding as [E, V], for `lm_head(weight_t=...)`: a snapshot of the current weights,

@@ -9,16 +9,23 @@ import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from registry_spec.errors import InputError, WeightsUnavailableError
 
 from .config import GPTBigCodeConfig
 
+if TYPE_CHECKING:
+    from mindspore.nn import Cell
+
+    from .modeling import GPTBigCodeForCausalLM
+
 RANDOM_INIT_OK = {"wizardcoder-tiny"}  # demo/test model: random weights are its documented default
 
 
 @lru_cache(maxsize=1)
-def init_mindspore() -> object:
+def init_mindspore() -> ModuleType:
     os.environ.setdefault("GLOG_v", "3")
     os.environ.setdefault("GLOG_logtostderr", "1")
     # graph-compile failures dump analyze_fail.ir under $MS_OM_PATH (default: ./rank_0 in the user's cwd)
@@ -63,7 +70,7 @@ def _prune(root: Path, days: float = 30) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def compile_cell(cell: object, args: tuple, key: dict) -> None:
+def compile_cell(cell: Cell, args: tuple, key: dict) -> None:
     """Compile `cell` for `args` (once) through MindSpore's compile cache, in a folder of its own per graph: MindSpore
     files cached graphs by the order a process compiles them and checks only the entry script for changes, so a
     shared folder hands a later run the wrong graph (seen: the prefill of another prompt length). `key` names
@@ -80,14 +87,14 @@ def compile_cell(cell: object, args: tuple, key: dict) -> None:
 
     if getattr(cell, "zoo_compiled", False):
         return
-    cell.zoo_compiled = True  # type: ignore[attr-defined]
+    cell.zoo_compiled = True
     init_mindspore()
     root = compile_cache_root()
     native = getattr(cell, "native", None)  # the native kernels' build (library path, source, flags)
     if root is None or native is not None:
-        cell.compile(*args)  # type: ignore[attr-defined]
+        cell.compile(*args)
         return
-    params = [(p.name, tuple(p.shape), str(p.dtype)) for p in cell.get_parameters()]  # type: ignore[attr-defined]
+    params = [(p.name, tuple(p.shape), str(p.dtype)) for p in cell.get_parameters()]
     shapes = [(tuple(a.shape), str(a.dtype)) for a in args]
     blob = json.dumps([_code_digest(), type(cell).__name__, key, shapes, params], sort_keys=True, default=str)
     folder = root / hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -99,7 +106,7 @@ def compile_cell(cell: object, args: tuple, key: dict) -> None:
         lock = open(folder / ".lock", "w")  # noqa: SIM115 - held for the compile below
     except OSError as exc:  # an unwritable cache costs the compile time only
         print(f"note: compile cache {root} not usable ({exc.strerror}): compiling without it", file=sys.stderr)
-        cell.compile(*args)  # type: ignore[attr-defined]
+        cell.compile(*args)
         return
     from mindspore.graph import api
 
@@ -113,7 +120,7 @@ def compile_cell(cell: object, args: tuple, key: dict) -> None:
         api.entry_script_path = str(folder / "key.py")
         os.environ.update({"MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": str(folder)})
         try:  # MindSpore reads both at each compile (its set_context keys for them are deprecated)
-            cell.compile(*args)  # type: ignore[attr-defined]
+            cell.compile(*args)
         finally:
             api.entry_script_path = entry
             for k, v in saved.items():
@@ -147,7 +154,7 @@ def find_weights(model: str, weights: Path | None, allow_random: bool = False) -
 
 
 def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, precision: str = "fp32",
-                seed: int = 0, allow_random: bool = False) -> object:
+                seed: int = 0, allow_random: bool = False) -> GPTBigCodeForCausalLM:
     """A GPTBigCodeForCausalLM with its weights loaded (or seeded random init for the tiny model)."""
     if precision == "fp32":  # the native kernels' compiler runs while MindSpore starts (once per machine)
         from ..kernels import prebuild
@@ -185,5 +192,5 @@ def save_random_init(model: str, config: GPTBigCodeConfig, path: Path, seed: int
     from ..weights import save_params
 
     with atomic_path(path) as tmp:
-        save_params(build_model(model, config, None, seed=seed).get_parameters(), tmp)  # type: ignore
+        save_params(build_model(model, config, None, seed=seed).get_parameters(), tmp)
     return path

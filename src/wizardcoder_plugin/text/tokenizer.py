@@ -10,10 +10,14 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from registry_spec.errors import InputError, WeightsUnavailableError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 PAD_TOKEN = "[PAD]"
 EOS_TOKEN = "<|endoftext|>"
@@ -23,7 +27,7 @@ _SPECIAL = re.compile(r"^<\|?[\w\-]+\|?>$")
 class WizardCoderTokenizer:
     """encode/decode with StarCoder's exact ids; `[PAD]` appended after the vocabulary when absent."""
 
-    def __init__(self, tokenizer: object) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         from tokenizers import AddedToken
 
         self._tok = tokenizer
@@ -81,7 +85,7 @@ class WizardCoderTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     @property
-    def backend(self) -> object:
+    def backend(self) -> Tokenizer:
         return self._tok
 
     def encode(self, text: str) -> list[int]:

@@ -9,18 +9,21 @@ seq_length + 1 tokens. Plain text is packed: documents joined by `<|endoftext|>`
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from registry_spec.atomic import staged_files
 from registry_spec.errors import InputError
 from registry_spec.specs import PreprocessResult, PreprocessSpec
 
 from ..text.templates import apply_template
+
+if TYPE_CHECKING:
+    from ..text.tokenizer import WizardCoderTokenizer
 
 IGNORE_INDEX = -100
 COLUMNS = ("input_ids", "labels")
@@ -126,20 +129,20 @@ def instruction_row(prompt_ids: list[int], full_ids: list[int], width: int, pad_
     return ids, labels
 
 
-def instruction_rows(pairs: Iterator[tuple[str, str, str]], tokenizer: object, width: int, bad: BadRows,
+def instruction_rows(pairs: Iterator[tuple[str, str, str]], tokenizer: WizardCoderTokenizer, width: int, bad: BadRows,
                      stats: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    eos = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)  # type: ignore[attr-defined]
+    eos = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
     buf: list[tuple[str, str, str]] = []
 
     def flush() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        prompts = tokenizer.encode_batch([p for _, p, _ in buf])  # type: ignore[attr-defined]
-        fulls = tokenizer.encode_batch([p + t + eos for _, p, t in buf])  # type: ignore[attr-defined]
+        prompts = tokenizer.encode_batch([p for _, p, _ in buf])
+        fulls = tokenizer.encode_batch([p + t + eos for _, p, t in buf])
         for (where, _, _), p_ids, f_ids in zip(buf, prompts, fulls, strict=True):
             if len(p_ids) >= width - 1:
                 bad.add(where, f"prompt has {len(p_ids)} tokens: no room for the response "
                         f"in seq_length {width - 1}")
                 continue
-            ids, labels = instruction_row(p_ids, f_ids, width, tokenizer.pad_token_id)  # type: ignore
+            ids, labels = instruction_row(p_ids, f_ids, width, tokenizer.pad_token_id)
             stats["tokens"] += min(len(f_ids), width)
             yield ids, labels
         buf.clear()
@@ -152,13 +155,14 @@ def instruction_rows(pairs: Iterator[tuple[str, str, str]], tokenizer: object, w
         yield from flush()
 
 
-def packed_rows(texts: Iterator[str], tokenizer: object, width: int, stats: dict) -> Iterator[tuple[np.ndarray, ...]]:
+def packed_rows(texts: Iterator[str], tokenizer: WizardCoderTokenizer, width: int,
+                stats: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Documents joined by EOS and cut into `width`-token blocks; labels = input_ids; the tail is dropped."""
-    eos = tokenizer.eos_token_id  # type: ignore[attr-defined]
+    eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
         stats["rows_read"] += 1
-        stream.extend(tokenizer.encode(text))  # type: ignore[attr-defined]
+        stream.extend(tokenizer.encode(text))
         stream.append(eos)
         while len(stream) >= width:
             block = np.asarray(stream[:width], dtype=np.int32)
@@ -177,9 +181,8 @@ def write_mindrecord(path: Path, rows: Iterator[tuple[np.ndarray, np.ndarray]], 
     if path.suffix != ".mindrecord":
         raise InputError(f"output {path} must end in .mindrecord", "e.g. --output data/train.mindrecord")
     written = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp_name:
-        tmp = Path(tmp_name)
+    # the index moves first, the data last: a reader needs both, and the data file's presence marks completion
+    with staged_files(path.parent, last=path.name) as tmp:
         writer = FileWriter(str(tmp / path.name), shard_num=1, overwrite=True)
         writer.set_page_size(1 << 20)  # the 32 MiB default pads small datasets to tens of MB
         writer.add_schema({c: {"type": "int32", "shape": [-1]} for c in COLUMNS}, "wizardcoder")
@@ -196,13 +199,10 @@ def write_mindrecord(path: Path, rows: Iterator[tuple[np.ndarray, np.ndarray]], 
         if written == 0:
             raise InputError("no usable rows: nothing to write", "check the input format (see the reported rows)")
         writer.commit()
-        # index first, data last: a reader needs both, and the data file's presence marks completion
-        os.replace(tmp / (path.name + ".db"), path.with_name(path.name + ".db"))
-        os.replace(tmp / path.name, path)
     return written
 
 
-def run_preprocess(spec: PreprocessSpec, tokenizer: object, progress: bool = True) -> PreprocessResult:
+def run_preprocess(spec: PreprocessSpec, tokenizer: WizardCoderTokenizer, progress: bool = True) -> PreprocessResult:
     bad = BadRows(strict=spec.strict)
     fmt = detect_format(spec.input) if spec.format == "auto" else spec.format
     width = spec.seq_length + 1

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,10 @@ from ..model.config import GPTBigCodeConfig
 from ..weights import load_params, save_params
 from .preprocess import COLUMNS, read_mindrecord
 from .run_config import TrainSettings
+
+if TYPE_CHECKING:
+    from ..kernels import NativeKernels
+    from ..model.modeling import GPTBigCodeForCausalLM
 
 CKPT_PREFIX = "checkpoint-"
 StepCallback = Callable[[dict], None]
@@ -115,7 +120,7 @@ def _checkpoint_file(folder: Path, stem: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
-def _native_training_kernels(model: object) -> object | None:
+def _native_training_kernels(model: GPTBigCodeForCausalLM) -> NativeKernels | None:
     """On CPU, put every LayerNorm and MLP activation on the native kernels (MindSpore's CPU LayerNormGrad is slow
     on training shapes; its composed GELU is ~15 elementwise passes forward and back); the kernels (for the
     optimizer too) where that was done, else None (no compiler, off CPU, or ZOO_NATIVE_KERNELS=0)."""
@@ -129,7 +134,7 @@ def _native_training_kernels(model: object) -> object | None:
         native = native_kernels()
     except KernelUnavailable:
         return None
-    model.use_native_training_kernels(native)  # type: ignore[attr-defined]
+    model.use_native_training_kernels(native)
     return native
 
 
@@ -193,8 +198,8 @@ class Trainer:
                                       recorded.get("linear_backward"), agree=agree)
         # everything that can change this run's numbers besides its settings: saved with every checkpoint
         self.numerics = {"native_kernels": native is not None,
-                         "kernel_library": native.library.name if native is not None else None,  # type: ignore[attr-defined]
-                         "kernel_threads": native.threads if native is not None else None,  # type: ignore[attr-defined]
+                         "kernel_library": native.library.name if native is not None else None,
+                         "kernel_threads": native.threads if native is not None else None,
                          "linear_backward": backwards}
         if self.rank == 0:
             for change in _numerics_changes(recorded, self.numerics):

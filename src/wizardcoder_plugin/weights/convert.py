@@ -8,12 +8,10 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from registry_spec.atomic import atomic_path
+from registry_spec.atomic import atomic_path, staged_files
 from registry_spec.errors import InputError
 from registry_spec.specs import ConvertResult
 
@@ -67,19 +65,12 @@ def convert(source: str | Path, output: str | Path, config: GPTBigCodeConfig, to
 
 
 def _write_hf_dir(out: Path, items: list, config: GPTBigCodeConfig, shard_bytes: int, done: object) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with staged_files(out) as tmp:
         written = safetensors_files.write_sharded(tmp, items, shard_bytes, {"format": "pt"}, done)  # type: ignore
         torch_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[items[0][1].dtype] if items else \
             "float32"
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict() | {"torch_dtype": torch_dtype}, indent=2))
-        out.mkdir(parents=True, exist_ok=True)
         # an earlier conversion's weights (another shard count) would shadow or confuse the new ones
         for old in [*out.glob("model*.safetensors"), out / safetensors_files.INDEX]:
             if old.name not in written and old.exists():
                 old.unlink()
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

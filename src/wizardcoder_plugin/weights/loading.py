@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +16,10 @@ from ..model.config import GPTBigCodeConfig
 from . import safetensors_files
 from .sources import TIED, open_source, raw_tensors
 from .tensors import LazyTensor, as_dtype, f32_to_bf16
+
+if TYPE_CHECKING:
+    from mindspore import Parameter
+    from mindspore.nn import Cell
 
 
 def _listed(names: list[str], limit: int = 6) -> str:
@@ -57,13 +62,13 @@ def collect(source: str | Path, config: GPTBigCodeConfig) -> dict[str, LazyTenso
     return tensors
 
 
-def _ms_dtype_name(param: object) -> str:
+def _ms_dtype_name(param: Parameter) -> str:
     import mindspore as ms
 
-    return {ms.float32: "F32", ms.float16: "F16", ms.bfloat16: "BF16"}[param.dtype]  # type: ignore[attr-defined]
+    return {ms.float32: "F32", ms.float16: "F16", ms.bfloat16: "BF16"}[param.dtype]
 
 
-def set_param(param: object, t: LazyTensor, map_files: bool = True) -> None:
+def set_param(param: Parameter, t: LazyTensor, map_files: bool = True) -> None:
     """`t` as `param`'s storage in the parameter's dtype: the file's pages themselves where they can be mapped
     (`map_files`), else an array read for it."""
     import mindspore as ms
@@ -75,19 +80,19 @@ def set_param(param: object, t: LazyTensor, map_files: bool = True) -> None:
         data = ms.from_numpy(t.mapped())  # the page cache's bytes: no copy, nothing allocated until written
     else:
         data = ms.from_numpy(np.ascontiguousarray(as_dtype(t.read(), t.dtype, target)))
-    param.set_data(data)  # type: ignore[attr-defined]
+    param.set_data(data)
 
 
-def load_into(model: object, tensors: dict[str, LazyTensor], map_files: bool = True) -> None:
+def load_into(model: Cell, tensors: dict[str, LazyTensor], map_files: bool = True) -> None:
     """Set every parameter of a GPTBigCodeForCausalLM from `collect`'s checked tensors (the parameters may be
     uninitialized: built under `no_init_parameters`). Mapped parameters keep their file open: a checkpoint
     rewritten in place (not replaced by a rename, as every writer here does) would change them."""
-    params = {p.name: p for p in model.get_parameters()}  # type: ignore[attr-defined]
+    params = {p.name: p for p in model.get_parameters()}
     for name, t in tensors.items():
         set_param(params[name], t, map_files)
 
 
-def param_tensor(param: object) -> LazyTensor:
+def param_tensor(param: Parameter) -> LazyTensor:
     """A parameter as a LazyTensor of its own dtype (bf16 as exact bit patterns)."""
     import mindspore as ms
 
@@ -95,25 +100,25 @@ def param_tensor(param: object) -> LazyTensor:
 
     def read() -> np.ndarray:
         if dtype == "BF16":
-            return f32_to_bf16(param.astype(ms.float32).asnumpy())  # type: ignore[attr-defined]
-        return param.asnumpy()  # type: ignore[attr-defined]
+            return f32_to_bf16(param.astype(ms.float32).asnumpy())
+        return param.asnumpy()
 
-    return LazyTensor(tuple(param.shape), dtype, read)  # type: ignore[attr-defined]
+    return LazyTensor(tuple(param.shape), dtype, read)
 
 
-def save_params(params: Iterable[object], path: Path) -> None:
+def save_params(params: Iterable[Parameter], path: Path) -> None:
     """MindSpore parameters to one safetensors file (`mindspore.load_checkpoint(path, format="safetensors")` reads
     it too), a tensor at a time; the caller makes the write atomic."""
-    safetensors_files.write_file(path, [(p.name, param_tensor(p)) for p in params],  # type: ignore[attr-defined]
+    safetensors_files.write_file(path, [(p.name, param_tensor(p)) for p in params],
                                  {"format": "ms"})
 
 
-def load_params(params: Iterable[object], path: Path) -> None:
+def load_params(params: Iterable[Parameter], path: Path) -> None:
     """Set `params` from a file `save_params` (or MindSpore's save_checkpoint) wrote: every name present, every
     shape equal."""
     saved = dict(raw_tensors(path))
     for p in params:
-        name, shape = p.name, tuple(p.shape)  # type: ignore[attr-defined]
+        name, shape = p.name, tuple(p.shape)
         if name not in saved:
             raise InputError(f"checkpoint {path} has no tensor {name!r}", "resume from a checkpoint of this run")
         if saved[name].shape != shape:
