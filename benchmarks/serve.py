@@ -21,6 +21,7 @@ from common import append_results, machine
 
 HERE = Path(__file__).parent
 SHAPES = {"tiny": [], "tiny_starcoder": ["--config", str(HERE / "tiny_starcoder.json")]}
+SEQ_LENGTH = 512  # the server's --seq-length, and the in-process scheduler's rows
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, iteratively.\"\"\"\n    a, b = 0, 1\n"
 
 
@@ -50,7 +51,7 @@ def in_process_ms(extra: list[str], slots: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         engine.prefill(row, np.array([len(ids)], np.int32), engine.context_length, True, True)
         bare.append((time.perf_counter() - t0) * 1e3)
-    scheduler = Scheduler(engine, tok.eos_token_id, tok.pad_token_id, slots, 512, 8)
+    scheduler = Scheduler(engine, tok.eos_token_id, tok.pad_token_id, slots, SEQ_LENGTH, 8)
     scheduler.start(warm_up=ids)
     first = []
     for _ in range(11):
@@ -76,7 +77,7 @@ def start_server(extra: list[str], slots: int) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "registry_spec.cli", "serve", "wizardcoder-tiny", *extra,
-                             "--port", str(port), "--max-batch-size", str(slots), "--seq-length", "512",
+                             "--port", str(port), "--max-batch-size", str(slots), "--seq-length", str(SEQ_LENGTH),
                              "--log-level", "warning"], stderr=subprocess.DEVNULL)
     import httpx2
 

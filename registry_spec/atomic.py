@@ -56,16 +56,16 @@ def staged_files(folder: Path, last: str | None = None) -> Iterator[Path]:
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".staged-", suffix=".tmp"))  # same filesystem: renames
+    done = False
     try:
         yield tmp
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == last):
             os.replace(f, folder / f.name)
-    except BaseException:
+        done = True
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created and not any(folder.iterdir()):
+        if not done and created and not any(folder.iterdir()):
             folder.rmdir()  # a failed run leaves no trace, not even an empty folder
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

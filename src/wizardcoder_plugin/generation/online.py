@@ -28,9 +28,8 @@ _HEAD_COPY_LIMIT = 512 * 2**20  # bytes: above this the copy's memory outweighs 
 
 @dataclass
 class _Running:
-    """A running batch's cache handle: `cached` (the bucket's KV cache) or `full` (the padded ids, cache-free)."""
+    """A running batch's cache handle: the bucket's KV cache, or with `ids` (the padded ids) the cache-free path."""
 
-    kind: str
     bucket: tuple[int, int]  # (batch, max_len)
     greedy: bool  # what the prefill asked for: the default of each step
     ids: np.ndarray | None = None
@@ -252,18 +251,18 @@ class Generator:
         if not use_cache:  # the whole padded sequence through the network at every step
             full = np.full((batch, max_len), self.pad, dtype=np.int32)
             full[:, :prompt_len] = ids
-            return self._full_logits(full, lengths), _Running("full", (batch, max_len), greedy, full)
+            return self._full_logits(full, lengths), _Running((batch, max_len), greedy, full)
         cell = self._prefill_cell(batch, max_len, batch, prompt_len, greedy)
         args = (ms.Tensor.from_numpy(ids), ms.Tensor.from_numpy(lengths))
         self._compile(cell, args)
-        return cell(*args).asnumpy(), _Running("cached", (batch, max_len), greedy)
+        return cell(*args).asnumpy(), _Running((batch, max_len), greedy)
 
     def join(self, cache: _Running, slots: np.ndarray, ids: np.ndarray, lengths: np.ndarray,
              greedy: bool) -> np.ndarray:
         """Prefill rows `ids` into the rows `slots` of a running cache (continuous batching)."""
         import mindspore as ms
 
-        if cache.kind != "cached":
+        if cache.ids is not None:
             raise InputError("rows can only join a batch that uses the KV cache", "generate with use_cache=True")
         cell = self._prefill_cell(*cache.bucket, ids.shape[0], ids.shape[1], greedy)
         args = (ms.Tensor.from_numpy(ids), ms.Tensor.from_numpy(lengths.astype(np.int32)),
@@ -275,7 +274,7 @@ class Generator:
              greedy: bool | None = None) -> np.ndarray:
         import mindspore as ms
 
-        if cache.ids is not None:  # the cache-free path ("full")
+        if cache.ids is not None:  # the cache-free path
             cache.ids[np.arange(cache.ids.shape[0]), positions] = tokens
             return self._full_logits(cache.ids, positions + 1)
         cell = self._decode_cell(*cache.bucket, cache.greedy if greedy is None else greedy)
