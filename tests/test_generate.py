@@ -242,8 +242,9 @@ def test_zoo_predict_on_hf_checkpoint(hf_tiny, hf_model, tmp_path):
 
 def test_graphs_loaded_from_the_compile_cache_give_the_same_tokens(hf_tiny, tmp_path):
     """Later processes load the prefill and decode graphs from the compile cache; their tokens must equal a run
-    that compiles without it. MindSpore's cache has handed back wrong graphs (a folder shared between graphs; graphs
-    with the native kernels after a machine's first run), so graphs with native kernels are not cached at all."""
+    that compiles without it. Seen before: a folder per graph (MindSpore files them by position in one folder per
+    process) and the screened head's tables held in a plain tuple (unbound in a loaded graph: garbage tokens in
+    about half of the later runs)."""
     args = ["predict", "wizardcoder-tiny", "--weights", str(hf_tiny), "--config", str(hf_tiny / "config.json"),
             "--template", "none", "--max-new-tokens", "12", "--prompt", "def add(a, b):", "--json"]
 
@@ -255,10 +256,10 @@ def test_graphs_loaded_from_the_compile_cache_give_the_same_tokens(hf_tiny, tmp_
     for native in ("1", "0"):
         kernels, cache = tmp_path / f"kernels{native}", tmp_path / f"compile{native}"
         want = tokens("0", str(tmp_path / "reference"), native)
-        # a machine's first run (kernels built, the head layout timed, graphs compiled), then two more
-        assert [tokens(str(cache), str(kernels), native) for _ in range(3)] == [want] * 3, native
-        folders = [p for p in cache.iterdir() if p.is_dir()] if cache.exists() else []
-        assert (len(folders) >= 2) if native == "0" else not folders  # MindSpore's own graphs are cached
+        # a machine's first run (kernels built, the head layout timed, graphs compiled), then three more
+        assert [tokens(str(cache), str(kernels), native) for _ in range(4)] == [want] * 4, native
+        (folder,) = [p for p in cache.iterdir() if p.is_dir()]  # one process's sequence: prefill, decode
+        assert len((folder / "graphs.txt").read_text().split()) == 2 == len(list(folder.rglob("*.mindir")))
 
 
 def test_streamed_text_holds_back_what_may_begin_a_stop_string():

@@ -52,7 +52,8 @@ def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     native kernels also through the screened int8 head."""
     ms = init_mindspore()
     from wizardcoder_plugin.kernels import availability, native_kernels
-    from wizardcoder_plugin.model.inference import DecodeCell, KVCache, PrefillCell
+    from wizardcoder_plugin.kernels.cells import decode_cell, prefill_cell
+    from wizardcoder_plugin.model.inference import KVCache
 
     if kernels == "native" and not availability()[0]:
         pytest.skip(f"native kernels unavailable here: {availability()[1]}")
@@ -64,15 +65,15 @@ def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     full = rng.integers(0, cfg.vocab_size - 1, size=(2, 12)).astype(np.int32)
     lengths = np.array([9, 6], dtype=np.int32)
     cache = KVCache(cfg, 2, 64, ms.float32, f"test-{fixture}-{kernels}")
-    prefill, decode = PrefillCell(net, cache, native=native), DecodeCell(net, cache, native=native)
-    greedy = DecodeCell(net, cache, greedy=True, native=native)
+    prefill, decode = prefill_cell(net, cache, native=native), decode_cell(net, cache, native=native)
+    greedy = decode_cell(net, cache, greedy=True, native=native)
     screened = None
     if native is not None:
         from wizardcoder_plugin.kernels.head import greedy_tables
 
         q, info = greedy_tables(net.transformer.wte.weight.asnumpy())
         screen = (ms.Parameter(ms.Tensor(q), name=f"sq-{fixture}"), ms.Parameter(ms.Tensor(info), name=f"si-{fixture}"))
-        screened = DecodeCell(net, cache, greedy=True, native=native, screen=screen)
+        screened = decode_cell(net, cache, greedy=True, native=native, screen=screen)
         assert screened.screen is not None
     prompt = np.where(np.arange(12)[None] < lengths[:, None], full, cfg.pad_token_id).astype(np.int32)
     got = [prefill(ms.Tensor(prompt[:, :10]), ms.Tensor(lengths)).asnumpy()]

@@ -208,32 +208,34 @@ class Generator:
         """A prefill graph of `rows` rows into the cache of the (batch, max_len) bucket; greedy on the screened head
         returns token ids, the others logits. Every cell sees one input shape, so each runs in MindSpore's
         "increment" phase (re-entered without walking the cell tree, which matters on a small model's prefill)."""
-        from ..model.inference import PrefillCell
+        from ..kernels.cells import prefill_cell
 
         bucket = self._bucket(batch, max_len, prompt_len)
         native = self._native if self.head_choice[batch] == "native" else None
         screen = self._screen_for(native, greedy)
         key = (rows, prompt_len, screen is not None)
         if key not in bucket.prefill:
-            bucket.prefill[key] = PrefillCell(self.model, bucket.cache, self._head_for(batch), native, screen)
+            bucket.prefill[key] = prefill_cell(self.model, bucket.cache, self._head_for(batch), native, screen)
             bucket.prefill[key].phase = "increment"
         return bucket.prefill[key]
 
     def _decode_cell(self, batch: int, max_len: int, greedy: bool) -> DecodeCell:
         """The bucket's decode graph; greedy ones return token ids, the others logits."""
-        from ..model.inference import DecodeCell
+        from ..kernels.cells import decode_cell
 
         bucket = self._cells[(batch, max_len)]
         if greedy not in bucket.decode:
             native = self._native if self.head_choice[batch] == "native" else None
-            bucket.decode[greedy] = DecodeCell(self.model, bucket.cache, greedy=greedy, head_t=self._head_for(batch),
-                                               native=native, screen=self._screen_for(native, greedy))
+            bucket.decode[greedy] = decode_cell(self.model, bucket.cache, greedy, self._head_for(batch), native,
+                                                self._screen_for(native, greedy))
         return bucket.decode[greedy]
 
     def _compile(self, cell: PrefillCell | DecodeCell, args: tuple) -> None:
-        from ..model.runtime import compile_cell
+        from ..model.compile_cache import compile_cell
 
-        compile_cell(cell, args, {"config": self.config.model_dump(), "precision": self.model.precision})
+        native = cell.native  # the kernel library's path names its sources, compiler, flags and CPU
+        compile_cell(cell, args, {"config": self.config.model_dump(), "precision": self.model.precision,
+                                  "native": None if native is None else [str(native.library), native.threads]})
 
     # ------------------------------------------------------------------------------------- the Engine protocol
     fixed_batch: int | None = None

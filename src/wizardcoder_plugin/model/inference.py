@@ -1,8 +1,10 @@
 """KV-cache inference on the network of `modeling`: the per-bucket caches, the prefill and decode graphs that share
-them (with the native CPU kernels where `Generator` chose them), the cache-free last-token graph, and the LM head
-alone (for timing its layouts)."""
+them, the cache-free last-token graph, and the LM head alone (for timing its layouts). MindSpore's kernels only:
+the native CPU kernels substitute these cells' hook methods in `kernels.cells`."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import mindspore as ms
 import numpy as np
@@ -10,6 +12,9 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from .config import GPTBigCodeConfig
 from .modeling import MASK_MIN, Activation, GPTBigCodeForCausalLM, LayerNorm, Linear, attend, causal_mask
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class KVCache(nn.Cell):
@@ -35,22 +40,13 @@ class KVCache(nn.Cell):
 class _CachedCell(nn.Cell):
     """What prefill and decode share: the model, its caches, and the per-head layout of a key/value write."""
 
-    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None,
-                 native: object | None = None, screen: tuple[Parameter, Parameter] | None = None) -> None:
+    native = None  # the native kernels' build where kernels.cells substituted the hooks
+    head_linear: Callable | None = None  # the LM head's matmul where a substitute brings its own
+
+    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.model = model
         self.head_t = head_t  # the LM head's transposed copy, where that layout is the faster one
-        # `native` (kernels.NativeKernels): the LM head on the native small-row linear kernel (and the blocks on
-        # native kernels: see PrefillCell, DecodeCell)
-        self.native = native
-        self.native_linear = native.linear if native is not None else None
-        # with `screen` (the head's int8 screening copy: Q, info; kernels/head.py) on native kernels the graph
-        # returns greedy token ids [B] int64 from the screened head: the fp32 argmax at a quarter of the bytes
-        self.screen = screen if native is not None else None
-        if native is not None:
-            cfg = model.config
-            self.native_meta = Tensor(np.array([cfg.layer_norm_epsilon, cfg.activation_function == "gelu"],
-                                               dtype=np.float32))
         self.keys, self.values = cache.keys, cache.values
         self.max_len = cache.max_len
         self.update = ops.ScatterUpdate()
@@ -59,13 +55,7 @@ class _CachedCell(nn.Cell):
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final LayerNorm and LM head for one position per row: [B,E] -> fp32 logits [B,V]."""
-        return self.model.lm_head(self.model.transformer.ln_f(hidden), self.head_t, self.native_linear)
-
-    def screened_token(self, hidden: Tensor) -> Tensor:
-        """Final LayerNorm and the screened greedy head: [B,E] -> token ids [B] int64 (needs `screen`)."""
-        tr = self.model.transformer
-        return self.native.greedy_head(hidden, tr.ln_f.weight, tr.ln_f.bias, tr.wte.weight, self.screen[0],
-                                       self.screen[1], self.native_meta)
+        return self.model.lm_head(self.model.transformer.ln_f(hidden), self.head_t, self.head_linear)
 
     def by_head(self, x: Tensor) -> Tensor:
         """[B,S,kv*d] -> [B*kv,S,d] (a reshape for multi-query)."""
@@ -98,32 +88,22 @@ class _CachedCell(nn.Cell):
 class PrefillCell(_CachedCell):
     """Runs right-padded prompts [B,S], writes every position's key and value into the caches' rows `slots` [B]
     (default: the first B; a cache may hold more rows, the others are left as they are), returns the logits at
-    each row's last real token [B,V] (with `screen`: the greedy token ids [B]).
+    each row's last real token [B,V] (`out`). A block is `norm`, `dense` and attention: the hooks a substitute
+    (kernels.cells.NativePrefillCell) replaces."""
 
-    With `native`, MindSpore's MatMul stays and what surrounds it runs on the native kernels: LayerNorm,
-    bias + residual, bias + GELU, one pass each instead of MindSpore's 2-6 elementwise kernels, which were a large
-    share of a tiny_starcoder prefill."""
-
-    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None,
-                 native: object | None = None, screen: tuple[Parameter, Parameter] | None = None) -> None:
-        super().__init__(model, cache, head_t, native, screen)
-        self.matmul_t = ops.MatMul(transpose_b=True)
+    def norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
+        return ln(x)
 
     def dense(self, x: Tensor, linear: Linear, residual: Tensor | None = None, act: Activation | None = None) -> Tensor:
-        """linear(x) (+ residual), or act(linear(x)): MindSpore's MatMul, then one native pass. (The native linear
-        kernel, faster alone for a few dozen rows, made the whole prefill slower here.)"""
-        shape = x.shape
-        y = self.matmul_t(x.reshape(-1, shape[-1]), linear.weight)
+        """act(linear(x)), or linear(x) (+ residual)."""
+        y = linear(x)
         if act is not None:
-            y = self.native.bias_gelu(y, linear.bias, act.meta)
-        elif residual is not None:
-            y = self.native.bias_add(y, linear.bias, residual)
-        else:
-            y = self.native.bias_add(y, linear.bias)
-        return y.reshape(shape[:-1] + (y.shape[-1],))
+            return act(y)
+        return y if residual is None else y + residual
 
-    def layer_norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
-        return self.native.layer_norm(x, ln.weight, ln.bias, ln.eps)
+    def out(self, hidden: Tensor) -> Tensor:
+        """[B,E] at each row's last token -> what the graph returns: logits [B,V]."""
+        return self.head(hidden)
 
     def construct(self, input_ids: Tensor, lengths: Tensor, slots: Tensor | None = None) -> Tensor:
         b, s = input_ids.shape
@@ -134,23 +114,14 @@ class PrefillCell(_CachedCell):
         hidden = tr.embed(input_ids, positions)
         for i, block in enumerate(tr.h):
             attn, mlp = block.attn, block.mlp
-            if self.native is None:
-                q, k, v = attn.split_qkv(block.ln_1(hidden))
-            else:
-                q, k, v = attn.split_fused(self.dense(self.layer_norm(hidden, block.ln_1), attn.c_attn))
+            q, k, v = attn.split_fused(self.dense(self.norm(hidden, block.ln_1), attn.c_attn))
             written = self.write(i, rows, k, v)
             out = ops.depend(attend(q, k, v, mask, attn.n_head, attn.multi_query), written)
-            if self.native is None:
-                hidden = hidden + attn.c_proj(out)
-                hidden = hidden + mlp(block.ln_2(hidden))
-            else:
-                hidden = self.dense(out, attn.c_proj, residual=hidden)
-                inner = self.dense(self.layer_norm(hidden, block.ln_2), mlp.c_fc, act=mlp.act)
-                hidden = self.dense(inner, mlp.c_proj, residual=hidden)
+            hidden = self.dense(out, attn.c_proj, residual=hidden)
+            inner = self.dense(self.norm(hidden, block.ln_2), mlp.c_fc, act=mlp.act)
+            hidden = self.dense(inner, mlp.c_proj, residual=hidden)
         last = ops.stack((ops.arange(0, b, dtype=ms.int32), lengths - 1), axis=-1)
-        if self.screen is not None:
-            return self.screened_token(ops.gather_nd(hidden, last))
-        return self.head(ops.gather_nd(hidden, last))
+        return self.out(ops.gather_nd(hidden, last))
 
 
 class DecodeCell(_CachedCell):
@@ -159,16 +130,13 @@ class DecodeCell(_CachedCell):
 
     Built for few kernels per layer, since MindSpore on CPU pays per kernel: the key is written once and read
     transposed by the score matmul (no cache slice or transpose), the mask is one additive bias computed once per
-    step, and every query head sharing a key/value head is one batched matmul. With `native` the blocks and the
-    LM head run on the native CPU kernels instead (`native_blocks`: 1 kernel per layer), and a greedy step given
-    `screen` picks its token with the native screened head (GreedyHead in kernels/native/head.cc). Its phase is
-    "increment": MindSpore then reuses the compiled graph without re-walking the cell tree on every call (fixed
-    input shapes per cell make that safe)."""
+    step, and every query head sharing a key/value head is one batched matmul. `blocks` and `pick` are the hooks a
+    substitute (kernels.cells.NativeDecodeCell) replaces. Its phase is "increment": MindSpore then reuses the
+    compiled graph without re-walking the cell tree on every call (fixed input shapes per cell make that safe)."""
 
     def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, greedy: bool = False,
-                 head_t: Parameter | None = None, native: object | None = None,
-                 screen: tuple[Parameter, Parameter] | None = None) -> None:
-        super().__init__(model, cache, head_t, native, screen if greedy else None)
+                 head_t: Parameter | None = None) -> None:
+        super().__init__(model, cache, head_t)
         self.greedy = greedy
         self.key_positions = Tensor(np.arange(cache.max_len, dtype=np.int32))
         self.scores = ops.BatchMatMul(transpose_b=True)
@@ -195,42 +163,30 @@ class DecodeCell(_CachedCell):
             out = ops.bmm(probs.reshape(rows, groups, -1), values)
         return out.reshape(b, 1, self.n_head * self.head_dim)
 
-    def native_blocks(self, hidden: Tensor, positions: Tensor) -> Tensor:
-        """The blocks on the native kernels: hidden [B,1,E] -> [B,E]. Each call writes its block's new key and
-        value into the caches itself (in place, at each row's position): MindSpore passes a Parameter's own
-        memory to a Custom op, and nothing else reads these caches within the step."""
-        hidden = hidden.reshape(hidden.shape[0], -1)
+    def blocks(self, hidden: Tensor, positions: Tensor) -> Tensor:
+        """hidden [B,1,E] through every block, each writing its key and value at `positions` [B] -> [B,E]."""
+        b = hidden.shape[0]
+        rows = self.cache_rows(positions.reshape(b, 1))
+        bias = (self.key_positions.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * MASK_MIN
         for i, block in enumerate(self.model.transformer.h):
-            attn, mlp = block.attn, block.mlp
-            hidden = self.native.decode_layer(hidden, block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight,
-                                              attn.c_attn.bias, self.keys[i], self.values[i], positions,
-                                              attn.c_proj.weight, attn.c_proj.bias, block.ln_2.weight,
-                                              block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
-                                              mlp.c_proj.bias, self.native_meta)
-        return hidden
+            attn = block.attn
+            q, k, v = attn.split_qkv(block.ln_1(hidden))
+            keys, values = self.write(i, rows, k, v)
+            out = self.attend(q, keys, values, bias)
+            hidden = hidden + attn.c_proj(out)
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+        return hidden.reshape(b, -1)
 
-    def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        b = input_ids.shape[0]
-        tr = self.model.transformer
-        hidden = tr.embed(input_ids, positions.reshape(b, 1))
-        if self.screen is not None:
-            return self.screened_token(self.native_blocks(hidden, positions))
-        if self.native is not None:
-            logits = self.head(self.native_blocks(hidden, positions))
-        else:
-            rows = self.cache_rows(positions.reshape(b, 1))
-            bias = (self.key_positions.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * MASK_MIN
-            for i, block in enumerate(tr.h):
-                attn = block.attn
-                q, k, v = attn.split_qkv(block.ln_1(hidden))
-                keys, values = self.write(i, rows, k, v)
-                out = self.attend(q, keys, values, bias)
-                hidden = hidden + attn.c_proj(out)
-                hidden = hidden + block.mlp(block.ln_2(hidden))
-            logits = self.head(hidden.reshape(b, -1))
+    def pick(self, hidden: Tensor) -> Tensor:
+        """[B,E] -> logits [B,V], or greedy ids [B]."""
+        logits = self.head(hidden)
         if self.greedy:
             return self.argmax(logits)[0]
         return logits
+
+    def construct(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        b = input_ids.shape[0]
+        return self.pick(self.blocks(self.model.transformer.embed(input_ids, positions.reshape(b, 1)), positions))
 
 
 class LastTokenCell(nn.Cell):
@@ -253,14 +209,13 @@ class LastTokenCell(nn.Cell):
 
 class LMHeadCell(nn.Cell):
     """The LM head alone, hidden [B,E] -> argmax ids [B]: what `Generator` times to pick the head's layout
-    (`head_t`: the transposed copy) or kernel (`native`: kernels.NativeKernels)."""
+    (`head_t`: the transposed copy) or kernel (`linear`: kernels.NativeKernels.linear)."""
 
-    def __init__(self, model: GPTBigCodeForCausalLM, head_t: Parameter | None, native: object | None = None) -> None:
+    def __init__(self, model: GPTBigCodeForCausalLM, head_t: Parameter | None, linear: Callable | None = None) -> None:
         super().__init__(auto_prefix=False)
-        self.model, self.head_t = model, head_t
-        self.native_linear = native.linear if native is not None else None
+        self.model, self.head_t, self.linear = model, head_t, linear
         self.argmax = ops.ArgMaxWithValue(axis=-1)
         self.phase = "increment"
 
     def construct(self, hidden: Tensor) -> Tensor:
-        return self.argmax(self.model.lm_head(hidden, self.head_t, self.native_linear))[0]
+        return self.argmax(self.model.lm_head(hidden, self.head_t, self.linear))[0]

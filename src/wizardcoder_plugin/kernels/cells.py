@@ -1,0 +1,115 @@
+"""The seam where the native CPU kernels enter inference: substitutes for `model.inference`'s prefill and decode
+cells that replace their hook methods (norm, dense, blocks, the LM head's matmul, the greedy pick) with the native
+kernels, and the two factories `Generator` builds its cells through."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor
+
+from ..model.inference import DecodeCell, KVCache, PrefillCell
+
+if TYPE_CHECKING:
+    from ..model.modeling import Activation, GPTBigCodeForCausalLM, LayerNorm, Linear
+    from . import NativeKernels
+
+Screen = tuple[Parameter, Parameter]  # the LM head's int8 screening copy: Q [V,E], info [V,3] (kernels/head.py)
+
+
+class _NativeHead:
+    """The LM head on the native small-row linear kernel and, given `screen`, greedy ids [B] int64 from the screened
+    head (GreedyHead in native/head.cc): the fp32 argmax at a quarter of the bytes."""
+
+    def attach(self, native: NativeKernels, screen: Screen | None) -> None:
+        self.native = native
+        self.head_linear = native.linear
+        # a ParameterTuple, so the cell lists them: a graph loaded from the compile cache binds only the cell's
+        # listed parameters (a plain tuple left them unbound there: garbage tokens)
+        self.screen = None if screen is None else ParameterTuple(screen)
+        cfg = self.model.config
+        self.native_meta = Tensor(np.array([cfg.layer_norm_epsilon, cfg.activation_function == "gelu"],
+                                           dtype=np.float32))
+
+    def screened_token(self, hidden: Tensor) -> Tensor:
+        """Final LayerNorm and the screened greedy head: [B,E] -> token ids [B] int64."""
+        tr = self.model.transformer
+        return self.native.greedy_head(hidden, tr.ln_f.weight, tr.ln_f.bias, tr.wte.weight, self.screen[0],
+                                       self.screen[1], self.native_meta)
+
+
+class NativePrefillCell(_NativeHead, PrefillCell):
+    """MindSpore's MatMul stays and what surrounds it runs on the native kernels: LayerNorm, bias + residual,
+    bias + GELU, one pass each instead of MindSpore's 2-6 elementwise kernels (a large share of a small model's
+    prefill). The native linear kernel, faster alone for a few dozen rows, made the whole prefill slower."""
+
+    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None,
+                 native: NativeKernels, screen: Screen | None = None) -> None:
+        PrefillCell.__init__(self, model, cache, head_t)
+        self.attach(native, screen)
+        from mindspore import ops
+
+        self.matmul_t = ops.MatMul(transpose_b=True)
+
+    def norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
+        return self.native.layer_norm(x, ln.weight, ln.bias, ln.eps)
+
+    def dense(self, x: Tensor, linear: Linear, residual: Tensor | None = None, act: Activation | None = None) -> Tensor:
+        shape = x.shape
+        y = self.matmul_t(x.reshape(-1, shape[-1]), linear.weight)
+        if act is not None:
+            y = self.native.bias_gelu(y, linear.bias, act.meta)
+        elif residual is not None:
+            y = self.native.bias_add(y, linear.bias, residual)
+        else:
+            y = self.native.bias_add(y, linear.bias)
+        return y.reshape(shape[:-1] + (y.shape[-1],))
+
+    def out(self, hidden: Tensor) -> Tensor:
+        if self.screen is not None:
+            return self.screened_token(hidden)
+        return super().out(hidden)
+
+
+class NativeDecodeCell(_NativeHead, DecodeCell):
+    """Each block is one native call (DecodeLayer in native/linear.cc) that also writes the block's new key and
+    value into the caches in place, at each row's position: MindSpore passes a Parameter's own memory to a Custom
+    op, and nothing else reads these caches within the step."""
+
+    def __init__(self, model: GPTBigCodeForCausalLM, cache: KVCache, greedy: bool, head_t: Parameter | None,
+                 native: NativeKernels, screen: Screen | None = None) -> None:
+        DecodeCell.__init__(self, model, cache, greedy, head_t)
+        self.attach(native, screen if greedy else None)
+
+    def blocks(self, hidden: Tensor, positions: Tensor) -> Tensor:
+        hidden = hidden.reshape(hidden.shape[0], -1)
+        for i, block in enumerate(self.model.transformer.h):
+            attn, mlp = block.attn, block.mlp
+            hidden = self.native.decode_layer(hidden, block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight,
+                                              attn.c_attn.bias, self.keys[i], self.values[i], positions,
+                                              attn.c_proj.weight, attn.c_proj.bias, block.ln_2.weight,
+                                              block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
+                                              mlp.c_proj.bias, self.native_meta)
+        return hidden
+
+    def pick(self, hidden: Tensor) -> Tensor:
+        if self.screen is not None:
+            return self.screened_token(hidden)
+        return super().pick(hidden)
+
+
+def prefill_cell(model: GPTBigCodeForCausalLM, cache: KVCache, head_t: Parameter | None = None,
+                 native: NativeKernels | None = None, screen: Screen | None = None) -> PrefillCell:
+    """The prefill graph of `cache`, on the native kernels where `native` is given."""
+    if native is None:
+        return PrefillCell(model, cache, head_t)
+    return NativePrefillCell(model, cache, head_t, native, screen)
+
+
+def decode_cell(model: GPTBigCodeForCausalLM, cache: KVCache, greedy: bool = False, head_t: Parameter | None = None,
+                native: NativeKernels | None = None, screen: Screen | None = None) -> DecodeCell:
+    """The decode step of `cache`, on the native kernels where `native` is given (`screen`: greedy steps only)."""
+    if native is None:
+        return DecodeCell(model, cache, greedy, head_t)
+    return NativeDecodeCell(model, cache, greedy, head_t, native, screen)
