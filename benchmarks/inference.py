@@ -28,9 +28,9 @@ def main() -> None:
     ap.add_argument("--repeats", default="3")
     ap.add_argument("--out", default=str(HERE / "out" / "inference"))
     a = ap.parse_args()
-    cmd = ["zoo", "bench", a.model, "--backends", a.backends, "--batch-sizes", a.batch_sizes, "--lengths",
-           a.lengths, "--prompt-length", a.prompt_length, "--repeats", a.repeats, "--compare", "hf",
-           "--output-dir", a.out, "--json"]
+    cmd = [sys.executable, "-m", "registry_spec.cli", "bench", a.model, "--backends", a.backends, "--batch-sizes",
+           a.batch_sizes, "--lengths", a.lengths, "--prompt-length", a.prompt_length, "--repeats", a.repeats,
+           "--compare", "hf", "--output-dir", a.out, "--json"]
     if a.config:
         cmd += ["--config", a.config]
     res = subprocess.run(cmd, capture_output=True, text=True)

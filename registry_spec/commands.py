@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
+from .entries import RegisteredComponent
 from .errors import BackendUnavailableError, CapabilityNotSupportedError, InputError
-from .handle import ModelHandle, RegisteredComponent
+from .handle import ModelHandle
 from .predict import run_predict
 from .specs import (
     BenchSpec,

@@ -7,28 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .components import ComponentInfo, Tokenizer, instantiate
+from .components import Tokenizer, instantiate
+from .entries import RegisteredComponent
 from .errors import AmbiguousComponentError, ComponentNotFoundError, InputError
 from .specs import CAPABILITIES, KINDS, ModelCard, PredictSpec
 
 if TYPE_CHECKING:
     from .generation import Engine
     from .registry import Registry
-
-
-@dataclass(frozen=True)
-class RegisteredComponent:
-    plugin: str
-    info: ComponentInfo
-
-    @property
-    def qualified_name(self) -> str:
-        return f"{self.plugin}:{self.info.name}"
-
-    def as_dict(self) -> dict[str, Any]:
-        extra = {k: v for k, v in (("source", self.info.source), ("target", self.info.target)) if v}
-        return {"kind": self.info.kind, "name": self.info.name, "plugin": self.plugin, "impl": self.info.impl,
-                **extra}
 
 
 @dataclass

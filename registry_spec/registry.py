@@ -14,8 +14,9 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from . import __spec_version__, hookspecs
+from .entries import RegisteredComponent, RegisteredModel
 from .errors import AmbiguousModelError, ModelNotFoundError, NameCollisionError, PluginLoadError
-from .handle import ModelHandle, RegisteredComponent
+from .handle import ModelHandle
 from .specs import ComponentInfo, ModelCard, PluginManifest
 
 ENTRY_POINT_GROUP = "zoo.plugins"
@@ -36,16 +37,6 @@ class PluginRecord:
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("name", "value", "version", "status", "error", "hooks", "models",
                                                "components", "requires_spec")}
-
-
-@dataclass(frozen=True)
-class RegisteredModel:
-    plugin: str
-    card: ModelCard
-
-    @property
-    def qualified_name(self) -> str:
-        return f"{self.plugin}:{self.card.name}"
 
 
 def _env_flag(name: str) -> bool:
@@ -128,19 +119,14 @@ class Registry:
     def _add_component(self, rc: RegisteredComponent, record: PluginRecord) -> None:
         mine = [c for c in self.components if c.plugin == rc.plugin and (c.info.kind, c.info.name, c.info.family,
                 tuple(c.info.models)) == (rc.info.kind, rc.info.name, rc.info.family, tuple(rc.info.models))]
-        if mine:
-            if mine[0].info == rc.info:
-                return  # identical re-registration is a no-op
-            raise ValueError(f"{rc.info.kind} {rc.info.name!r} registered twice with different details")
+        if rc.repeats(mine):
+            return
         self.components.append(rc)
         record.components.append(rc.as_dict())
 
     def _add(self, entry: RegisteredModel, record: PluginRecord) -> None:
-        same_plugin = [e for e in self._by_name.get(entry.card.name, []) if e.plugin == entry.plugin]
-        if same_plugin:
-            if same_plugin[0].card == entry.card:
-                return  # identical re-registration is a no-op
-            raise ValueError(f"model {entry.card.name!r} registered twice with different cards")
+        if entry.repeats([e for e in self._by_name.get(entry.card.name, []) if e.plugin == entry.plugin]):
+            return
         others = self._by_name.get(entry.card.name, [])
         if others and self.strict:
             raise NameCollisionError(

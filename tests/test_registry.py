@@ -124,12 +124,21 @@ def test_broken_plugins_are_isolated_and_reported(tmp_path):
     fake_plugin(site, "badhook", "from registry_spec import hookimpl\n@hookimpl\ndef zoo_register_modelz(register):\n"
                                  "    pass\n")
     fake_plugin(site, "oldspec", GOOD.format(name="oldspec", req=">=0.1,<1", model="old-model"))
+    fake_plugin(site, "twice", GOOD.format(name="twice", req=">=2.0,<3", model="twice-model") + """
+@hookimpl
+def zoo_register_components(register):
+    from registry_spec.specs import ComponentInfo
+    register(ComponentInfo(kind="tokenizer", name="tok", impl="twice_zoo:A", models=["twice-model"]))
+    register(ComponentInfo(kind="tokenizer", name="tok", impl="twice_zoo:A", models=["twice-model"]))  # no-op
+    register(ComponentInfo(kind="tokenizer", name="tok", impl="twice_zoo:B", models=["twice-model"]))
+""")
     r = run(site, "plugins", "--json")
     assert r.returncode == 0, r.stderr
     rows = {p["name"]: p for p in json.loads(r.stdout)}
     assert rows["boom"]["status"] == "failed" and "kaboom" in rows["boom"]["error"]
     assert rows["badhook"]["status"] == "failed" and "zoo_register_modelz" in rows["badhook"]["error"]
     assert rows["oldspec"]["status"] == "failed" and __spec_version__ in rows["oldspec"]["error"]
+    assert rows["twice"]["status"] == "failed" and "tokenizer 'tok' registered twice" in rows["twice"]["error"]
     assert rows["wizardcoder"]["status"] == "loaded" and rows["wizardcoder"]["version"]
     r = run(site, "models", "--json")
     assert r.returncode == 0 and "old-model" not in r.stdout
