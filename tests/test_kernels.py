@@ -160,6 +160,7 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
     import torch
     from mindspore import ops
 
+    from wizardcoder_plugin.kernels.cells import NativeGelu, NativeLayerNorm
     from wizardcoder_plugin.model.modeling import Activation, LayerNorm
     from wizardcoder_plugin.model.runtime import init_mindspore
     from wizardcoder_plugin.training.trainer import _native_training_kernels
@@ -171,7 +172,7 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
     ln = LayerNorm(shape[-1], 1e-5)
     ln.weight.set_data(ms.Tensor(g))
     ln.bias.set_data(ms.Tensor(b))
-    ln.native = native_kernels().layer_norm
+    ln.kernel = NativeLayerNorm(native_kernels().layer_norm)
     grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)
     y = ln(ms.Tensor(x)).asnumpy()
     (dx,), (dg, db) = grad(ln, ms.ParameterTuple(ln.trainable_params()))(ms.Tensor(x), ms.Tensor(dy))
@@ -187,7 +188,8 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
 
     net = GPTBigCodeForCausalLM(PRESETS["wizardcoder-tiny"].model_copy(update={"n_layer": 1}))
     assert _native_training_kernels(net)  # the trainer's switch: every LayerNorm and activation of the model
-    assert all(c.native is not None for _, c in net.cells_and_names() if isinstance(c, LayerNorm | Activation))
+    assert all(isinstance(c.kernel, NativeLayerNorm | NativeGelu) for _, c in net.cells_and_names()
+               if isinstance(c, LayerNorm | Activation))
 
 
 @needs_kernels
@@ -198,12 +200,13 @@ def test_gelu_forward_and_backward_equal_torch(name):
     import torch
     from mindspore import ops
 
+    from wizardcoder_plugin.kernels.cells import NativeGelu
     from wizardcoder_plugin.model.modeling import Activation
     from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()
     act = Activation(name)
-    act.native = native_kernels().gelu
+    act.kernel = NativeGelu(native_kernels().gelu)
     grad = ops.GradOperation(sens_param=True)
     rng = np.random.default_rng(7)
     for shape in ((5, 33), (64, 3072)):
@@ -387,7 +390,8 @@ def test_linear_backward_equals_torch(m, k, n):
     import torch
     from mindspore import Tensor
 
-    from wizardcoder_plugin.model.modeling import DenseGrad, NativeBackwardDense
+    from wizardcoder_plugin.kernels.cells import NativeBackwardDense
+    from wizardcoder_plugin.model.modeling import DenseGrad
     from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()

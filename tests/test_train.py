@@ -353,8 +353,9 @@ def test_other_backwards_give_the_same_gradients(hf_tiny):
     from mindspore import Parameter, ParameterTuple, Tensor
 
     from wizardcoder_plugin.kernels import availability, native_kernels
+    from wizardcoder_plugin.kernels.cells import NativeBackwardDense
     from wizardcoder_plugin.kernels.choices import choose_backwards
-    from wizardcoder_plugin.model.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
+    from wizardcoder_plugin.model.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear
     from wizardcoder_plugin.model.runtime import build_model
     from wizardcoder_plugin.training.optim import AccumulateGrads, CausalLMLoss
 

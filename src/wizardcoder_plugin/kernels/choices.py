@@ -128,7 +128,8 @@ def choose_backwards(model: GPTBigCodeForCausalLM, rows: int, native: NativeKern
     import mindspore as ms
     import numpy as np
 
-    from ..model.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear, NativeBackwardDense
+    from ..model.modeling import ChunkedBackwardDense, Dense, DenseGrad, Linear
+    from .cells import NativeBackwardDense
 
     if ms.get_context("device_target") != "CPU":
         return {}

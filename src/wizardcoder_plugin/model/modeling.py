@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import mindspore as ms
 import numpy as np
@@ -25,9 +24,6 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from .config import GPTBigCodeConfig
-
-if TYPE_CHECKING:
-    from ..kernels import NativeKernels
 
 _DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 MASK_MIN = float(np.finfo(np.float32).min)
@@ -81,24 +77,9 @@ class ChunkedBackwardDense(Dense):
         return dx, dw, dout.sum(0)
 
 
-class NativeBackwardDense(Dense):
-    """ops.dense(x [M,K], W [N,K], b) (MindSpore's MatMul forward) whose backward is one native call
-    (kernels.NativeKernels.linear_backward: a packed GEMM for dx and dW, and db, in fp32), which beats MindSpore's
-    CPU MatMul on the backward products of some shapes by up to 2x. Same math, other rounding order; the trainer
-    times it against the others per shape."""
-
-    def __init__(self, backward: Callable) -> None:
-        super().__init__()
-        self.backward = backward
-
-    def bprop(self, x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dx, dw, db = self.backward(x, w, dout)  # a Custom op's outputs are a list; a bprop must return a tuple
-        return dx, dw, db
-
-
 class DenseGrad(nn.Cell):
-    """(dx, dW, db) of `dense` (a Dense, ChunkedBackwardDense or NativeBackwardDense) for the sensitivity dy: what
-    the trainer times to choose between them."""
+    """(dx, dW, db) of `dense` (a Dense, ChunkedBackwardDense or kernels.cells.NativeBackwardDense) for the
+    sensitivity dy: what the trainer times to choose between them."""
 
     def __init__(self, dense: Dense) -> None:
         super().__init__()
@@ -109,50 +90,65 @@ class DenseGrad(nn.Cell):
         return self.grad(self.fn)(x, w, b, dy)
 
 
+class LayerNormKernel(nn.Cell):
+    """MindSpore's LayerNorm over the last axis: (x, weight, bias, meta [eps]) -> y, the signature a substitute
+    kernel (kernels.cells) shares."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x: Tensor, w: Tensor, b: Tensor, meta: Tensor) -> Tensor:
+        return self.norm(x, w, b)[0]
+
+
 class LayerNorm(nn.Cell):
-    """LayerNorm over the last axis, always computed in fp32; on MindSpore's kernel, or on the native CPU one when
-    `native` is set (kernels.NativeKernels.layer_norm: the same math, with a backward an order of magnitude faster
-    than MindSpore's LayerNormGrad on CPU; set before the graphs using it compile)."""
+    """LayerNorm over the last axis, always computed in fp32 by `kernel` (MindSpore's unless the trainer
+    substitutes one before the graphs using it compile)."""
 
     def __init__(self, hidden: int, eps: float) -> None:
         super().__init__()
         self.weight = Parameter(initializer("ones", (hidden,), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (hidden,), ms.float32), name="bias")
-        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
-        self.native: Callable | None = None
+        self.kernel = LayerNormKernel(eps)
         self.eps = Tensor(np.array([eps], dtype=np.float32))
 
     def construct(self, x: Tensor) -> Tensor:
         x32, w, b = x.astype(ms.float32), self.weight.astype(ms.float32), self.bias.astype(ms.float32)
-        if self.native is not None:
-            return self.native(x32, w, b, self.eps).astype(x.dtype)
-        y, _, _ = self.norm(x32, w, b)
-        return y.astype(x.dtype)
+        return self.kernel(x32, w, b, self.eps).astype(x.dtype)
+
+
+class GeluKernel(nn.Cell):
+    """GELU, (x, meta [exact]) -> y: the exact erf form, or the tanh form computed as x * sigmoid(2z),
+    z = sqrt(2/pi) (x + 0.044715 x^3), which equals 0.5 x (1 + tanh z) (HF's `gelu_pytorch_tanh`) to fp32
+    rounding: MindSpore's fused CPU GeLU kernel is 4-5x slower than these five elementwise kernels on
+    [rows, 4*hidden] activations, in the forward and the backward."""
+
+    def __init__(self, exact: bool) -> None:
+        super().__init__()
+        self.exact = exact
+        self.inv_sqrt2 = 1.0 / math.sqrt(2.0)
+        self.c1 = 2.0 * math.sqrt(2.0 / math.pi)
+        self.c3 = self.c1 * 0.044715
+
+    def construct(self, x: Tensor, meta: Tensor) -> Tensor:
+        if self.exact:
+            return 0.5 * x * (1.0 + ops.erf(x * self.inv_sqrt2))
+        return x * ops.sigmoid(x * (self.c1 + self.c3 * (x * x)))
 
 
 class Activation(nn.Cell):
-    """The MLP activation the config names: tanh-approximate GELU or the exact erf form.
-
-    The tanh form is computed as x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3), which equals
-    0.5 x (1 + tanh z) (HF's `gelu_pytorch_tanh`) to fp32 rounding: MindSpore's fused CPU GeLU kernel is 4-5x
-    slower than these five elementwise kernels on [rows, 4*hidden] activations, in the forward and the backward."""
+    """The MLP activation the config names (tanh-approximate GELU or the exact erf form), computed by `kernel`
+    (MindSpore's unless the trainer substitutes one before the graphs using it compile)."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.exact = name == "gelu"
-        self.inv_sqrt2 = 1.0 / math.sqrt(2.0)
-        self.c1 = 2.0 * math.sqrt(2.0 / math.pi)
-        self.c3 = self.c1 * 0.044715
-        # kernels.NativeKernels.gelu: one pass forward and one backward (training on CPU)
-        self.native: Callable | None = None
+        self.kernel = GeluKernel(self.exact)
         self.meta = Tensor(np.array([self.exact], dtype=np.float32))
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.native is not None:
-            return self.native(x.astype(ms.float32), self.meta).astype(x.dtype)
-        if self.exact:
-            return 0.5 * x * (1.0 + ops.erf(x * self.inv_sqrt2))
-        return x * ops.sigmoid(x * (self.c1 + self.c3 * (x * x)))
+        return self.kernel(x, self.meta)
 
 
 class Dropout(nn.Cell):
@@ -330,30 +326,20 @@ class GPTBigCodeForCausalLM(nn.Cell):
         self.head_matmul = ops.MatMul(transpose_b=True)  # tied head: no per-call transpose of the embedding
         self.head_matmul_t = ops.MatMul()
 
-    def lm_head(self, hidden: Tensor, weight_t: Parameter | None = None,
-                native_linear: Callable | None = None) -> Tensor:
+    def lm_head(self, hidden: Tensor, weight_t: Parameter | None = None, linear: Callable | None = None) -> Tensor:
         """hidden [..., E] -> fp32 logits [..., V] from the tied embedding [V, E], or from `weight_t`, a transposed
-        copy [E, V] (see `transposed_head`), or through `native_linear` (kernels.NativeKernels.linear, reading the
-        embedding as stored): the same products, on the kernel or layout that may read them faster."""
+        copy [E, V] (see `transposed_head`), or through `linear` (x, W [V, E]) -> x W^T (kernels.NativeKernels.linear,
+        reading the embedding as stored): the same products, on the kernel or layout that may read them faster."""
         shape = hidden.shape
         wte = self.transformer.wte.weight
         flat = hidden.reshape(-1, shape[-1]).astype(wte.dtype)
-        if native_linear is not None:
-            logits = native_linear(flat, wte)
+        if linear is not None:
+            logits = linear(flat, wte)
         elif weight_t is None:
             logits = self.head_matmul(flat, wte)
         else:
             logits = self.head_matmul_t(flat, weight_t)
         return logits.astype(ms.float32).reshape(shape[:-1] + (logits.shape[-1],))
-
-    def use_native_training_kernels(self, native: NativeKernels) -> None:
-        """Every LayerNorm and MLP activation on the native CPU kernels (`native`: kernels.NativeKernels), forward
-        and backward: for training on CPU, before its graphs compile."""
-        for _, cell in self.cells_and_names():
-            if isinstance(cell, LayerNorm):
-                cell.native = native.layer_norm
-            elif isinstance(cell, Activation):
-                cell.native = native.gelu
 
     def transposed_head(self) -> Parameter:
         """A copy of the tied embedding as [E, V], for `lm_head(weight_t=...)`: a snapshot of the current weights,

@@ -134,7 +134,9 @@ def _native_training_kernels(model: GPTBigCodeForCausalLM) -> NativeKernels | No
         native = native_kernels()
     except KernelUnavailable:
         return None
-    model.use_native_training_kernels(native)
+    from ..kernels.cells import use_native_training_kernels
+
+    use_native_training_kernels(model, native)
     return native
 
 
