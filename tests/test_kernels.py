@@ -334,8 +334,8 @@ def test_native_adamw_step_equals_the_mindspore_update():
     both moments, with decay on the matrix only and bias correction; the accumulators are zeroed."""
     from mindspore import Parameter, ParameterTuple, Tensor
 
+    from wizardcoder_plugin.kernels.cells import NativeAdamW, adamw
     from wizardcoder_plugin.model.runtime import init_mindspore
-    from wizardcoder_plugin.training.optim import AdamW
 
     init_mindspore()
     rng = np.random.default_rng(9)
@@ -345,8 +345,8 @@ def test_native_adamw_step_equals_the_mindspore_update():
     def run(native):
         params = ParameterTuple(Parameter(Tensor(v.copy()), name=n) for n, v in start.items())
         accum = ParameterTuple(Parameter(Tensor(np.zeros(s, np.float32)), name=f"acc.{n}") for n, s in shapes.items())
-        opt = AdamW(params, accum, 0.9, 0.95, 1e-6, 0.1, native)
-        assert (opt.native_step is not None) == (native is not None)
+        opt = adamw(params, accum, 0.9, 0.95, 1e-6, 0.1, native)
+        assert isinstance(opt, NativeAdamW) == (native is not None)
         grads = np.random.default_rng(3)
         for t in range(1, 4):
             for a in accum:
@@ -367,6 +367,7 @@ def test_sum_squares_equals_float64():
     import mindspore as ms
     from mindspore import Parameter, ParameterTuple, Tensor
 
+    from wizardcoder_plugin.kernels.cells import NativeSquaredNorm
     from wizardcoder_plugin.model.runtime import init_mindspore
     from wizardcoder_plugin.training.optim import GradStats
 
@@ -375,7 +376,7 @@ def test_sum_squares_equals_float64():
     grads = [rng.standard_normal(s, dtype=np.float32) for s in ((7,), (301, 257), (3, 5, 11))]
     accum = ParameterTuple(Parameter(Tensor(g), name=f"g{i}") for i, g in enumerate(grads))
     want = sum(float((g.astype(np.float64) ** 2).sum()) for g in grads)
-    ours = float(GradStats(accum, None, native_kernels())().asnumpy())
+    ours = float(GradStats(accum, None, NativeSquaredNorm(native_kernels().sum_squares))().asnumpy())
     plain = float(GradStats(accum, None)().asnumpy())
     assert abs(ours - want) <= 1e-6 * want and abs(plain - want) <= 1e-4 * want
     assert ms.get_context("mode") == ms.GRAPH_MODE
@@ -413,6 +414,7 @@ def test_cross_entropy_equals_torch(rows, vocab):
     import torch
     from mindspore import Tensor, nn, ops
 
+    from wizardcoder_plugin.kernels.cells import NativeTokenNLL
     from wizardcoder_plugin.model.runtime import init_mindspore
     from wizardcoder_plugin.training.optim import causal_lm_loss
 
@@ -425,10 +427,10 @@ def test_cross_entropy_equals_torch(rows, vocab):
     class Loss(nn.Cell):
         def __init__(self):
             super().__init__()
-            self.native = native_kernels()
+            self.nll = NativeTokenNLL(native_kernels().cross_entropy)
 
         def construct(self, x, y):
-            return causal_lm_loss(x, y, self.native)
+            return causal_lm_loss(x, y, self.nll)
 
     loss_cell = Loss()
     loss = float(loss_cell(Tensor(logits), Tensor(labels)).asnumpy())

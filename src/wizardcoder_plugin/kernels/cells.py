@@ -1,7 +1,7 @@
 """The seam where the native CPU kernels enter the network: substitutes for `model.inference`'s prefill and decode
 cells that replace their hook methods (norm, dense, blocks, the LM head's matmul, the greedy pick), the two
-factories `Generator` builds its cells through, and for training the LayerNorm and GELU kernels and a linear
-layer's backward."""
+factories `Generator` builds its cells through, and for training the LayerNorm and GELU kernels, a linear layer's
+backward, the per-token loss, the gradient norm and the AdamW update."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, ParameterTuple, Tensor, nn
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ..model.inference import DecodeCell, KVCache, PrefillCell
 from ..model.modeling import Activation, Dense, LayerNorm
+from ..training.optim import AdamW, SquaredNorm, TokenNLL
 
 if TYPE_CHECKING:
     from ..model.modeling import GPTBigCodeForCausalLM, Linear
@@ -52,8 +53,6 @@ class NativePrefillCell(_NativeHead, PrefillCell):
                  native: NativeKernels, screen: Screen | None = None) -> None:
         PrefillCell.__init__(self, model, cache, head_t)
         self.attach(native, screen)
-        from mindspore import ops
-
         self.matmul_t = ops.MatMul(transpose_b=True)
 
     def norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
@@ -165,3 +164,65 @@ class NativeBackwardDense(Dense):
     def bprop(self, x: Tensor, w: Tensor, b: Tensor, out: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         dx, dw, db = self.backward(x, w, dout)  # a Custom op's outputs are a list; a bprop must return a tuple
         return dx, dw, db
+
+
+class NativeTokenNLL(TokenNLL):
+    """The per-token losses and their gradient in one native pass (CrossEntropyForward/Backward)."""
+
+    def __init__(self, op: Callable) -> None:
+        super().__init__()
+        self.op = op
+
+    def construct(self, logits: Tensor, labels: Tensor) -> Tensor:
+        nll, _ = self.op(logits, labels.astype(ms.int32))
+        return nll
+
+
+class NativeSquaredNorm(SquaredNorm):
+    """Each tensor's squares summed in one native pass, with float64 partials."""
+
+    def __init__(self, op: Callable) -> None:
+        super().__init__()
+        self.op = op
+
+    def construct(self, grads: tuple) -> Tensor:
+        running = ops.zeros((1,), ms.float32)
+        for g in grads:
+            running = self.op(g, running)
+        return running.reshape(())
+
+
+class NativeAdamW(AdamW):
+    """Each fp32 parameter's whole update as one native pass (AdamWStep: torch's formula; p, m and v written and
+    the accumulator zeroed in place), instead of MindSpore's decay, scaling, ApplyAdam and reset."""
+
+    def __init__(self, params: ParameterTuple, accum: ParameterTuple, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, op: Callable) -> None:
+        super().__init__(params, accum, beta1, beta2, eps, weight_decay)
+        self.step = op
+        self.eps_t = Tensor(eps, ms.float32)
+        self.decay_t = tuple(Tensor(np.array([d], np.float32)) for d in self.decay)
+
+    def construct(self, lr: Tensor, grad_coef: Tensor, bc1: Tensor, bc2: Tensor) -> Tensor:
+        hyper = ops.stack((lr, grad_coef, bc1, bc2, self.beta1, self.beta2, self.eps_t))
+        out = ops.zeros((1,), ms.float32)
+        for i in range(len(self.params)):
+            out = ops.depend(out, self.step(self.params[i], self.m[i], self.v[i], self.accum[i], hyper,
+                                            self.decay_t[i]))
+        return out.sum()
+
+
+def training_cells(native: NativeKernels | None) -> dict[str, nn.Cell]:
+    """The loss's and the gradient norm's kernels for CausalLMLoss(nll=) and GradStats(norm=): native where
+    `native` is given, else {} (MindSpore's defaults)."""
+    if native is None:
+        return {}
+    return {"nll": NativeTokenNLL(native.cross_entropy), "norm": NativeSquaredNorm(native.sum_squares)}
+
+
+def adamw(params: ParameterTuple, accum: ParameterTuple, beta1: float, beta2: float, eps: float,
+          weight_decay: float, native: NativeKernels | None = None) -> AdamW:
+    """The optimizer update: native where `native` is given and every parameter is fp32 (no master copies)."""
+    if native is not None and all(p.dtype == ms.float32 for p in params):
+        return NativeAdamW(params, accum, beta1, beta2, eps, weight_decay, native.adamw_step)
+    return AdamW(params, accum, beta1, beta2, eps, weight_decay)

@@ -18,37 +18,44 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, native: object | None = None) -> Tensor:
-    """Mean next-token cross-entropy over labels != -100 (logits [B,S,V] predict labels [B,S], already shifted).
-    Equal to HF's loss; 0 (not NaN) when a batch has no labelled token. `native` (kernels.NativeKernels, fp32
-    logits): the per-token losses and their gradient from the native kernels instead of LogSoftmax + GatherD."""
+class TokenNLL(nn.Cell):
+    """Per-token negative log-likelihoods: fp32 logits [R,V], labels [R] -> [R], 0 at ignored labels (-100);
+    LogSoftmax + GatherD (kernels.cells.NativeTokenNLL substitutes one native pass)."""
+
+    def construct(self, logits: Tensor, labels: Tensor) -> Tensor:
+        flat = labels.reshape(-1, 1)
+        keep = flat != IGNORE_INDEX
+        logp = ops.log_softmax(logits, axis=-1)
+        nll = -ops.gather_elements(logp, 1, ops.select(keep, flat, ops.zeros_like(flat))) * keep.astype(ms.float32)
+        return nll.reshape(-1)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, nll: nn.Cell) -> Tensor:
+    """Mean next-token cross-entropy over labels != -100 (logits [B,S,V] predict labels [B,S], already shifted),
+    from the per-token losses `nll` (a TokenNLL) computes. Equal to HF's loss; 0 (not NaN) when a batch has no
+    labelled token."""
     flat_logits = logits.reshape(-1, logits.shape[-1]).astype(ms.float32)
-    flat = labels.reshape(-1, 1)
-    keep = flat != IGNORE_INDEX
-    keep_f = keep.astype(ms.float32)
-    if native is not None:  # 0 at ignored labels
-        nll, _ = native.cross_entropy(flat_logits, labels.reshape(-1).astype(ms.int32))  # type: ignore[attr-defined]
-    else:
-        logp = ops.log_softmax(flat_logits, axis=-1)
-        nll = -ops.gather_elements(logp, 1, ops.select(keep, flat, ops.zeros_like(flat))) * keep_f
-    return nll.sum() / ops.maximum(keep_f.sum(), 1.0)
+    flat = labels.reshape(-1)
+    keep_f = (flat != IGNORE_INDEX).astype(ms.float32)
+    return nll(flat_logits, flat).sum() / ops.maximum(keep_f.sum(), 1.0)
 
 
 class CausalLMLoss(nn.Cell):
-    """rows [B, S+1] -> loss of predicting tokens 1..S from 0..S-1 (the reference's input/label shift)."""
+    """rows [B, S+1] -> loss of predicting tokens 1..S from 0..S-1 (the reference's input/label shift); `nll`: the
+    per-token losses (default TokenNLL)."""
 
-    def __init__(self, model: nn.Cell, pad_token_id: int, native: object | None = None) -> None:
+    def __init__(self, model: nn.Cell, pad_token_id: int, nll: nn.Cell | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.model = model
         self.pad = pad_token_id
-        self.native = native  # kernels.NativeKernels for the loss (see causal_lm_loss), or None
+        self.nll = nll if nll is not None else TokenNLL()
 
     def construct(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         tokens, targets = input_ids[:, :-1], labels[:, 1:]
         b, s = tokens.shape
         positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
         logits = self.model(tokens, positions, (tokens != self.pad).astype(ms.int32))
-        return causal_lm_loss(logits, targets, self.native)
+        return causal_lm_loss(logits, targets, self.nll)
 
 
 class AccumulateGrads(nn.Cell):
@@ -73,15 +80,26 @@ class AccumulateGrads(nn.Cell):
         return out
 
 
-class GradStats(nn.Cell):
-    """All-reduces the accumulators over data-parallel ranks (mean) and returns their squared L2 norm."""
+class SquaredNorm(nn.Cell):
+    """The squared L2 norm of a tuple of tensors (kernels.cells.NativeSquaredNorm substitutes one native pass per
+    tensor with float64 partials)."""
 
-    def __init__(self, accum: ParameterTuple, reducer: nn.Cell | None, native: object | None = None) -> None:
+    def construct(self, grads: tuple) -> Tensor:
+        total = ops.zeros((), ms.float32)
+        for g in grads:  # last axis first: MindSpore's CPU all-axes ReduceSum is far slower on large tensors
+            total = total + (g * g).sum(-1).sum()
+        return total
+
+
+class GradStats(nn.Cell):
+    """All-reduces the accumulators over data-parallel ranks (mean) and returns their squared L2 norm (`norm`,
+    default SquaredNorm)."""
+
+    def __init__(self, accum: ParameterTuple, reducer: nn.Cell | None, norm: nn.Cell | None = None) -> None:
         super().__init__(auto_prefix=False)
         self.accum = accum
         self.reducer = reducer
-        # `native` (kernels.NativeKernels): each tensor's squares summed in one native pass (float64 partials)
-        self.sum_squares = native.sum_squares if native is not None else None
+        self.norm = norm if norm is not None else SquaredNorm()
 
     def construct(self) -> Tensor:
         grads = tuple(self.accum)
@@ -91,14 +109,7 @@ class GradStats(nn.Cell):
             for i in range(len(reduced)):
                 total = ops.depend(total, ops.assign(self.accum[i], reduced[i]))
             grads = reduced
-        if self.sum_squares is not None:
-            running = ops.zeros((1,), ms.float32)
-            for g in grads:
-                running = self.sum_squares(g, running)
-            return running.reshape(())
-        for g in grads:  # last axis first: MindSpore's CPU all-axes ReduceSum is far slower on large tensors
-            total = total + (g * g).sum(-1).sum()
-        return total
+        return ops.depend(self.norm(grads), total)
 
 
 class ClearGrads(nn.Cell):
@@ -123,11 +134,10 @@ class AdamW(nn.Cell):
     The update is MindSpore's fused Adam kernel (ApplyAdam: one pass over p, m, v, g, much faster on CPU than an
     elementwise composition or the AdamWeightDecay kernel) after the decoupled decay. Given beta^t = 1 - bc, it
     computes p - lr sqrt(bc2) / bc1 * m / (sqrt(v) + eps'), which is torch's update with eps' = eps sqrt(bc2).
-    With `native` on CPU (fp32 parameters), each parameter's decay, scaling, update and accumulator reset are one
-    native pass instead (0.37 -> ~0.2 s per tiny_starcoder step on one Xeon)."""
+    (kernels.cells.NativeAdamW: the whole update of each fp32 parameter as one native pass.)"""
 
     def __init__(self, params: ParameterTuple, accum: ParameterTuple, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, native: object | None = None) -> None:
+                 weight_decay: float) -> None:
         super().__init__(auto_prefix=False)
         self.params = params
         self.accum = accum
@@ -146,21 +156,8 @@ class AdamW(nn.Cell):
         self.eps = eps
         self.decay = tuple(weight_decay if _decays(p.name) else 0.0 for p in params)
         self.adam = ops.Adam()
-        # `native` (kernels.NativeKernels, fp32 parameters only): each parameter's whole update as one native pass
-        # (AdamWStep: torch's formula, p, m, v written and the accumulator zeroed in place)
-        self.native_step = native.adamw_step if native is not None and not len(self.master) else None
-        if self.native_step is not None:
-            self.eps_t = Tensor(eps, ms.float32)
-            self.decay_t = tuple(Tensor(np.array([d], np.float32)) for d in self.decay)
 
     def construct(self, lr: Tensor, grad_coef: Tensor, bc1: Tensor, bc2: Tensor) -> Tensor:
-        if self.native_step is not None:
-            hyper = ops.stack((lr, grad_coef, bc1, bc2, self.beta1, self.beta2, self.eps_t))
-            out = ops.zeros((1,), ms.float32)
-            for i in range(len(self.params)):
-                out = ops.depend(out, self.native_step(self.params[i], self.m[i], self.v[i], self.accum[i], hyper,
-                                                       self.decay_t[i]))
-            return out.sum()
         beta1_power, beta2_power = 1.0 - bc1, 1.0 - bc2
         eps = self.eps * ops.sqrt(bc2)
         out = ops.zeros((), ms.float32)

@@ -171,7 +171,7 @@ class Trainer:
 
         from ..model.memory import check, training_plan
         from ..model.runtime import build_model, init_mindspore
-        from .optim import AccumulateGrads, AdamW, CausalLMLoss, ClearGrads, GradStats, LossScaler, fp32_zeros
+        from .optim import AccumulateGrads, CausalLMLoss, ClearGrads, GradStats, LossScaler, fp32_zeros
 
         init_mindspore()
         self.s, self.config, self.progress = settings, config, progress
@@ -213,11 +213,14 @@ class Trainer:
         self.params = ParameterTuple(self.model.trainable_params())
         self.accum = fp32_zeros(self.params, "accum")
         reducer = nn.DistributedGradReducer(self.accum, mean=True, degree=self.world) if self.world > 1 else None
-        self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id, native), self.params, self.accum,
-                                          overwrite=settings.grad_accum == 1)
-        self.stats = GradStats(self.accum, reducer, native)
+        from ..kernels.cells import adamw, training_cells
+
+        kernels = training_cells(native)
+        self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id, kernels.get("nll")), self.params,
+                                          self.accum, overwrite=settings.grad_accum == 1)
+        self.stats = GradStats(self.accum, reducer, kernels.get("norm"))
         self.clear = ClearGrads(self.accum)
-        self.adamw = AdamW(self.params, self.accum, settings.beta1, settings.beta2, settings.eps,
+        self.adamw = adamw(self.params, self.accum, settings.beta1, settings.beta2, settings.eps,
                            settings.weight_decay, native)
         self.scaler = LossScaler(scale=settings.loss_scale if settings.precision == "fp16" else 1.0,
                                  factor=settings.loss_scale_factor, window=settings.loss_scale_window,
