@@ -39,10 +39,10 @@ print(json.dumps({"ok": out, "position": _Session.position}))
 """
 
 
-def run(cache: Path, seed: int, *graphs: str) -> dict:
+def run(cache: Path, seed: int, *graphs: str, **extra: str) -> dict:
     script = cache.parent / "graphs.py"  # MindSpore parses a cell's source: not from `python -c`
     script.write_text(SCRIPT)
-    env = {**os.environ, "ZOO_COMPILE_CACHE": str(cache)}
+    env = {**os.environ, "ZOO_COMPILE_CACHE": str(cache), **extra}
     r = subprocess.run([sys.executable, str(script), str(seed), *graphs], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -80,3 +80,14 @@ def test_a_graph_with_parameters_the_cache_cannot_bind_compiles_without_it(tmp_p
     for seed in (0, 1):
         assert run(cache, seed, "4x8p") == {"ok": [True], "position": 0}
     assert not files(cache)
+
+
+def test_mindspores_own_cache_switch_does_not_shift_the_positions(tmp_path):
+    """MS_COMPILER_CACHE_ENABLE in the user's environment would make MindSpore file the graphs compiled without
+    the cache too (taking positions): it is ignored, and the sequence still loads in order."""
+    cache, theirs = tmp_path / "compile", str(tmp_path / "theirs")
+    env = {"MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": theirs}
+    assert run(cache, 0, "4x8", "8x16", **env) == {"ok": [True, True], "position": 2}
+    cached = files(cache)
+    assert run(cache, 1, "4x8", "8x32", "8x16", **env) == {"ok": [True, True, True], "position": 2}
+    assert files(cache) == cached and len(cached) == 2 and not Path(theirs).exists()

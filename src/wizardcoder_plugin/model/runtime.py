@@ -28,6 +28,12 @@ def init_mindspore() -> ModuleType:
     os.environ.setdefault("GLOG_logtostderr", "1")
     # graph-compile failures dump analyze_fail.ir under $MS_OM_PATH (default: ./rank_0 in the user's cwd)
     os.environ.setdefault("MS_OM_PATH", os.path.join(tempfile.gettempdir(), f"zoo-mindspore-{os.getuid()}"))
+    # MindSpore's own switch would file every graph of the process (timing probes too) by position, out of step with
+    # the sequences compile_cache.py keeps: later runs would load the wrong graphs
+    if os.environ.pop("MS_COMPILER_CACHE_ENABLE", None) is not None:
+        print("note: MS_COMPILER_CACHE_ENABLE is ignored: zoo keeps its own compile cache (ZOO_COMPILE_CACHE; 0 "
+              "turns it off)", file=sys.stderr)
+    os.environ.pop("MS_COMPILER_CACHE_PATH", None)
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)
