@@ -20,11 +20,11 @@ class Registered(ABC):
 
     @property
     @abstractmethod
-    def name(self) -> str: ...
+    def details(self) -> ModelCard | ComponentInfo: ...
 
     @property
-    @abstractmethod
-    def details(self) -> ModelCard | ComponentInfo: ...
+    def name(self) -> str:
+        return self.details.name
 
     @property
     def qualified_name(self) -> str:
@@ -49,10 +49,6 @@ class RegisteredModel(Registered):
         return "model"
 
     @property
-    def name(self) -> str:
-        return self.card.name
-
-    @property
     def details(self) -> ModelCard:
         return self.card
 
@@ -64,10 +60,6 @@ class RegisteredComponent(Registered):
     @property
     def kind(self) -> str:
         return self.info.kind
-
-    @property
-    def name(self) -> str:
-        return self.info.name
 
     @property
     def details(self) -> ComponentInfo:

@@ -28,7 +28,7 @@ from registry_spec.atomic import atomic_path
 if TYPE_CHECKING:
     from mindspore.nn import Cell
 
-_CACHE_ENV = ("MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH")
+CACHE_ENV = ("MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH")  # MindSpore's switch, set per compile here
 MANIFEST = "graphs.txt"  # one graph key per line, in the order MindSpore numbered them
 
 
@@ -103,21 +103,17 @@ def _open(root: Path, first: str) -> Path:
 def _with_cache(cell: Cell, args: tuple, folder: Path) -> None:
     from mindspore.graph import api
 
-    saved = {k: os.environ.get(k) for k in _CACHE_ENV}
     entry = getattr(api, "entry_script_path", None)
     # MindSpore hashes the entry script and what it imports into the cache's validity; its import walk fails on
     # relative imports (`python -m registry_spec.cli`), and the graph keys already name the code
     api.entry_script_path = str(folder / "key.py")
     os.environ.update({"MS_COMPILER_CACHE_ENABLE": "1", "MS_COMPILER_CACHE_PATH": str(folder)})
-    try:
+    try:  # only this compile: init_mindspore removed any value of the user's
         cell.compile(*args)
     finally:
         api.entry_script_path = entry
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        for k in CACHE_ENV:
+            os.environ.pop(k, None)
 
 
 def compile_cell(cell: Cell, args: tuple, key: dict[str, Any]) -> None:

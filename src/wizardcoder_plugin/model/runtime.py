@@ -16,7 +16,6 @@ from registry_spec.errors import InputError, WeightsUnavailableError
 from .config import GPTBigCodeConfig
 
 if TYPE_CHECKING:
-
     from .modeling import GPTBigCodeForCausalLM
 
 RANDOM_INIT_OK = {"wizardcoder-tiny"}  # demo/test model: random weights are its documented default
@@ -30,10 +29,11 @@ def init_mindspore() -> ModuleType:
     os.environ.setdefault("MS_OM_PATH", os.path.join(tempfile.gettempdir(), f"zoo-mindspore-{os.getuid()}"))
     # MindSpore's own switch would file every graph of the process (timing probes too) by position, out of step with
     # the sequences compile_cache.py keeps: later runs would load the wrong graphs
-    if os.environ.pop("MS_COMPILER_CACHE_ENABLE", None) is not None:
-        print("note: MS_COMPILER_CACHE_ENABLE is ignored: zoo keeps its own compile cache (ZOO_COMPILE_CACHE; 0 "
-              "turns it off)", file=sys.stderr)
-    os.environ.pop("MS_COMPILER_CACHE_PATH", None)
+    from .compile_cache import CACHE_ENV
+
+    if [os.environ.pop(k) for k in CACHE_ENV if k in os.environ]:
+        print("note: MS_COMPILER_CACHE_ENABLE/PATH are ignored: zoo keeps its own compile cache (ZOO_COMPILE_CACHE; "
+              "0 turns it off)", file=sys.stderr)
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)

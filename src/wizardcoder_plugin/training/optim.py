@@ -103,13 +103,13 @@ class GradStats(nn.Cell):
 
     def construct(self) -> Tensor:
         grads = tuple(self.accum)
-        total = ops.zeros((), ms.float32)
+        written = ops.zeros((), ms.float32)
         if self.reducer is not None:
             reduced = self.reducer(grads)
             for i in range(len(reduced)):
-                total = ops.depend(total, ops.assign(self.accum[i], reduced[i]))
+                written = ops.depend(written, ops.assign(self.accum[i], reduced[i]))
             grads = reduced
-        return ops.depend(self.norm(grads), total)
+        return ops.depend(self.norm(grads), written)
 
 
 class ClearGrads(nn.Cell):
