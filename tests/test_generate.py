@@ -67,7 +67,7 @@ def test_each_lm_head_layout_equals_hf_generate(generator, hf_model, layout):
                     kernels="mindspore")
     cfg = GenerationConfig(max_new_tokens=24)
     assert [o.token_ids for o in gen.generate(PROMPTS, cfg)] == hf_greedy(hf_model, PROMPTS, 24)
-    assert gen.head_choice == {4: layout} and (gen._head_t is None) == (layout == "tied")
+    assert gen.head_choice == {4: layout} and (gen.selection.head_t is None) == (layout == "tied")
     generator.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=2))
     assert set(generator.head_choice.values()) <= {"tied", "transposed", "native"} and 1 in generator.head_choice
     if layout == "transposed":

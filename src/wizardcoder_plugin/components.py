@@ -175,7 +175,8 @@ class Exporter:
     def __init__(self, backend: str) -> None:
         self.backend = backend
 
-    def export(self, model: Any, spec: ExportSpec) -> ExportResult:
+    def export(self, model: Any, spec: ExportSpec, network: Any = None) -> ExportResult:
+        """`network`: the spec's weights already loaded (`zoo bench` exports one network per batch size)."""
         from .export.writer import run_export
         from .model.memory import check_inference, weight_bytes
         from .model.runtime import build_model, find_weights
@@ -185,8 +186,9 @@ class Exporter:
         # exporting serializes the weights once more
         check_inference(config, spec.precision, 1, "zoo export",
                         {"exported copy": weight_bytes(config, spec.precision)})
-        net = build_model(model.name, config, spec.weights, spec.precision)
-        return run_export(spec, net, config, tok, find_weights(model.name, spec.weights))
+        if network is None:
+            network = build_model(model.name, config, spec.weights, spec.precision)
+        return run_export(spec, network, config, tok, find_weights(model.name, spec.weights))
 
     def runner(self, model: Any, folder: Path) -> Any:
         from .export.runner import ExportedEngine

@@ -261,7 +261,9 @@ def run_bench(spec: BenchSpec, model: Any, config: Any, net: Any, tok: Any, sour
 def _our_engines(spec: BenchSpec, model: Any, net: Any, tok: Any, seq_length: int,
                  work: Path) -> dict[str, Callable[[int], Any]]:
     """backend -> a factory of that engine for a batch size: the online graphs, or an exporter registered for the
-    model (by any plugin) exporting into `work` once per batch size, then its runner."""
+    model (by any plugin) exporting into `work` once per batch size, then its runner. This plugin's exporters
+    export the network already loaded; another plugin's load the weights themselves."""
+    from ..components import Exporter
     from .online import Generator
 
     engines: dict[str, Callable[[int], Any]] = {}
@@ -274,9 +276,12 @@ def _our_engines(spec: BenchSpec, model: Any, net: Any, tok: Any, seq_length: in
         def make(b: int, backend: str = backend, exporter: Any = exporter) -> _Ours:
             out = work / f"{backend}-b{b}"
             if not out.exists():
-                exporter.export(model, ExportSpec(model=model.name, backend=backend, weights=spec.weights,
-                                                  config=spec.config, output_dir=out, batch_size=b,
-                                                  seq_length=seq_length))
+                export = ExportSpec(model=model.name, backend=backend, weights=spec.weights, config=spec.config,
+                                    output_dir=out, batch_size=b, seq_length=seq_length)
+                if isinstance(exporter, Exporter):
+                    exporter.export(model, export, network=net)
+                else:
+                    exporter.export(model, export)
             return _Ours(exporter.runner(model, out), tok)
         engines[backend] = make
     return engines

@@ -15,15 +15,8 @@ from registry_spec.errors import InputError
 from registry_spec.generation import GenerationConfig, GenerationOutput, generate
 
 if TYPE_CHECKING:  # mindspore is imported where the engine runs, never to list or check it
-    from mindspore import Parameter, Tensor
-
-    from ..kernels import NativeKernels
     from ..model.inference import DecodeCell, KVCache, LastTokenCell, PrefillCell
     from ..model.modeling import GPTBigCodeForCausalLM
-
-HEAD_LAYOUTS = ("auto", "tied", "transposed")
-KERNELS = ("auto", "native", "mindspore")
-_HEAD_COPY_LIMIT = 512 * 2**20  # bytes: above this the copy's memory outweighs what its speed could save
 
 
 @dataclass
@@ -45,149 +38,40 @@ class _Bucket:
 
 
 class Generator:
-    """Compiled graphs are cached per shape bucket and reused across calls.
-
-    `kernels` says what runs the graphs: "mindspore" (its own kernels), "native" (`kernels/native/`: each
-    decode step of a block as one native call on multi-threaded small-row linear layers, the LM head on the same
-    linear kernel, and the prefill's LayerNorm, bias, residual and GELU passes; CPU and fp32 only, compiled on
-    first use), or "auto": on CPU in fp32, time the LM head both ways once per batch size and keep native unless
-    its head is more than 1.2x slower (MindSpore's CPU MatMul runs a few-row product on one core, and each of its
-    ~24 kernels per layer costs a launch; benchmarks/RESULTS.md has the decode ratios).
-    `head_layout` says how MindSpore's MatMul reads the tied LM head: "tied" (the embedding [V,E] as stored),
-    "transposed" (a copy [E,V]), or "auto": time both. Which wins depends on the kernel, the shape and the
-    machine (either has won by a wide margin at some batch size and hidden size). The copy is a snapshot: after
-    changing the model's weights in place, call `sync_weights()`.
-    `head_choice` records, per batch size, what the graphs use: "native", "tied" or "transposed".
-    `screened_head`: on native kernels, greedy steps pick their token from an int8 copy of the LM head with a
-    bound that proves which rows cannot win, re-scoring the rest in fp32 (kernels/head.py): the same token as the
-    fp32 argmax, reading about a quarter of the head's bytes. The copy (V x E bytes) is a snapshot, refreshed by
-    `sync_weights()`."""
+    """Compiled graphs are cached per shape bucket and reused across calls. `kernels`, `head_layout` and
+    `screened_head` say what the graphs run on (`kernels.selection.KernelSelection`, which builds the cells);
+    after changing the model's weights in place, call `sync_weights()`."""
 
     def __init__(self, model: GPTBigCodeForCausalLM, eos_token_id: int, pad_token_id: int, max_batch: int = 8,
                  head_layout: str = "auto", kernels: str = "auto", screened_head: bool = True) -> None:
-        if head_layout not in HEAD_LAYOUTS:
-            raise InputError(f"unknown head layout {head_layout!r}", f"use one of {', '.join(HEAD_LAYOUTS)}")
-        if kernels not in KERNELS:
-            raise InputError(f"unknown kernels {kernels!r}", f"use one of {', '.join(KERNELS)}")
+        from ..kernels.selection import KernelSelection
+
         self.model = model
         self.config = model.config
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch = max_batch
-        self.head_layout, self.kernels = head_layout, kernels
+        self.selection = KernelSelection(model, kernels, head_layout, screened_head)
         self._cells: dict[tuple[int, int], _Bucket] = {}  # (batch, max_len) -> its bucket
         self._sizes: set[tuple] = set()  # ((batch, max_len), prompt_len) checked against memory
         self._last_token: LastTokenCell | None = None
-        self._head_t: Parameter | None = None  # the transposed copy, made when a bucket first uses it
-        self._native: NativeKernels | None = None
-        self._screen: tuple[Parameter, Parameter] | None = None  # the LM head's int8 screening copy (greedy, native)
-        self.screened_head = screened_head
-        self.native_unavailable = ""  # why the native kernels are not used, where "auto" fell back
-        self.head_choice: dict[int, str] = {}  # batch size -> native | tied | transposed
 
-    def _native_kernels(self) -> NativeKernels | None:
-        """The native kernels if they may run here, else None (for "auto") or an InputError (for "native")."""
-        import mindspore as ms
+    @property
+    def head_choice(self) -> dict[int, str]:
+        """Per batch size, what the graphs use: "native", "tied" or "transposed"."""
+        return self.selection.head_choice
 
-        from ..kernels import KernelUnavailable, native_kernels
-
-        if self.kernels == "mindspore":
-            return None
-        if self._native is None and not self.native_unavailable:
-            dtype = self.model.transformer.wte.weight.dtype
-            if ms.get_context("device_target") != "CPU" or dtype != ms.float32:
-                self.native_unavailable = f"native kernels are for fp32 on CPU, not {dtype} on " \
-                                          f"{ms.get_context('device_target')}"
-            else:
-                try:
-                    self._native = native_kernels()
-                except KernelUnavailable as exc:
-                    self.native_unavailable = str(exc)
-        if self._native is None and self.kernels == "native":
-            raise InputError(self.native_unavailable, "use kernels='auto' or 'mindspore' (MindSpore's MatMul)")
-        return self._native
-
-    def _head_for(self, batch: int) -> Parameter | None:
-        """The transposed head copy if `batch`-row graphs should read it, else None (the tied embedding or the
-        native kernel: see `head_choice`)."""
-        if batch not in self.head_choice:
-            self.head_choice[batch] = self._pick_head_layout(batch)
-            if "transposed" not in self.head_choice.values():
-                self._head_t = None  # a probe's copy that no graph reads: free it
-        return self._transposed_head() if self.head_choice[batch] == "transposed" else None
-
-    def _transposed_head(self) -> Parameter:
-        if self._head_t is None:
-            self._head_t = self.model.transposed_head()
-        return self._head_t
-
-    def _pick_head_layout(self, batch: int) -> str:
-        import mindspore as ms
-
-        from ..kernels import choices
-
-        native = self._native_kernels()
-        if self.kernels == "native":
-            return "native"
-        wte = self.model.transformer.wte.weight
-        candidates = {"native": None} if native is not None else {}
-        if self.head_layout != "auto":
-            candidates[self.head_layout] = None
-        else:
-            candidates["tied"] = None
-            # beside the native kernels the copy is not a candidate: a MindSpore head must beat their head and
-            # blocks by 1.2x, which the copy's small gain never made up, and making it costs seconds at 1B
-            if native is None and wte.size * wte.itemsize <= _HEAD_COPY_LIMIT and \
-                    ms.get_context("device_target") == "CPU":
-                candidates["transposed"] = None
-        if len(candidates) == 1:
-            return next(iter(candidates))
-        return choices.head_layout(self.model, batch, sorted(candidates), native, self._transposed_head)
+    @property
+    def native_unavailable(self) -> str:
+        """Why the native kernels are not used, where "auto" fell back ("" otherwise)."""
+        return self.selection.native_unavailable
 
     def decode_kernels(self, batch: int) -> dict[str, object]:
-        """What `batch`-row decode graphs run on, for reports: {"kernels": "native", "kernel_threads": n} or
-        {"kernels": "mindspore", "head_layout": "tied" | "transposed"}; {} before they are built."""
-        choice = self.head_choice.get(batch)
-        if choice is None:
-            return {}
-        if choice == "native" and self._native is not None:
-            used: dict[str, object] = {"kernels": "native", "kernel_threads": self._native.threads}
-            return {**used, "greedy_head": "screened"} if self._screen is not None else used
-        return {"kernels": "mindspore", "head_layout": choice}
+        """What `batch`-row decode graphs run on, for reports (`KernelSelection.report`)."""
+        return self.selection.report(batch)
 
     def sync_weights(self) -> None:
-        """Refresh the head's copies (transposed, screening) from the model's current embedding (after an in-place
-        weight change)."""
-        if self._head_t is not None:
-            self._head_t.set_data(self.model.transposed_head())
-        if self._screen is not None:
-            tables = self._screen_tables()
-            if tables is None:
-                raise InputError("the LM head has non-finite weights: the screened greedy head cannot run on them",
-                                 "check the weights, or build the Generator with screened_head=False")
-            for param, table in zip(self._screen, tables, strict=True):
-                param.set_data(table)
-
-    def _screen_tables(self) -> tuple[Tensor, Tensor] | None:
-        import mindspore as ms
-
-        from ..kernels.head import greedy_tables
-
-        tables = greedy_tables(self.model.transformer.wte.weight.asnumpy())
-        return None if tables is None else (ms.Tensor(tables[0]), ms.Tensor(tables[1]))
-
-    def _screen_for(self, native: NativeKernels | None, greedy: bool) -> tuple[Parameter, Parameter] | None:
-        """The screening copy's parameters where a greedy native graph should read it (made on first use)."""
-        if native is None or not greedy or not self.screened_head:
-            return None
-        if self._screen is None:
-            import mindspore as ms
-
-            tables = self._screen_tables()
-            if tables is None:  # non-finite weights: the bound does not hold, score the full head
-                return None
-            self._screen = (ms.Parameter(tables[0], name="lm_head.screen_q", requires_grad=False),
-                            ms.Parameter(tables[1], name="lm_head.screen_info", requires_grad=False))
-        return self._screen
+        """Refresh the LM head's copies (transposed, screening) after an in-place weight change."""
+        self.selection.sync_weights()
 
     def _bucket(self, batch: int, max_len: int, prompt_len: int) -> _Bucket:
         """The (batch, max_len) bucket: its KV cache and the graphs sharing it (checked against memory first)."""
@@ -195,7 +79,6 @@ class Generator:
         from ..model.memory import check_bucket
 
         key = (batch, max_len)
-        self._head_for(batch)
         if key not in self._cells or (key, prompt_len) not in self._sizes:
             check_bucket(self.config, self.model.precision, batch, max_len, prompt_len)
             self._sizes.add((key, prompt_len))
@@ -208,34 +91,25 @@ class Generator:
         """A prefill graph of `rows` rows into the cache of the (batch, max_len) bucket; greedy on the screened head
         returns token ids, the others logits. Every cell sees one input shape, so each runs in MindSpore's
         "increment" phase (re-entered without walking the cell tree, which matters on a small model's prefill)."""
-        from ..kernels.cells import prefill_cell
-
         bucket = self._bucket(batch, max_len, prompt_len)
-        native = self._native if self.head_choice[batch] == "native" else None
-        screen = self._screen_for(native, greedy)
-        key = (rows, prompt_len, screen is not None)
+        key = (rows, prompt_len, self.selection.screens(batch, greedy))
         if key not in bucket.prefill:
-            bucket.prefill[key] = prefill_cell(self.model, bucket.cache, self._head_for(batch), native, screen)
+            bucket.prefill[key] = self.selection.prefill_cell(batch, bucket.cache, greedy)
             bucket.prefill[key].phase = "increment"
         return bucket.prefill[key]
 
     def _decode_cell(self, batch: int, max_len: int, greedy: bool) -> DecodeCell:
         """The bucket's decode graph; greedy ones return token ids, the others logits."""
-        from ..kernels.cells import decode_cell
-
         bucket = self._cells[(batch, max_len)]
         if greedy not in bucket.decode:
-            native = self._native if self.head_choice[batch] == "native" else None
-            bucket.decode[greedy] = decode_cell(self.model, bucket.cache, greedy, self._head_for(batch), native,
-                                                self._screen_for(native, greedy))
+            bucket.decode[greedy] = self.selection.decode_cell(batch, bucket.cache, greedy)
         return bucket.decode[greedy]
 
     def _compile(self, cell: PrefillCell | DecodeCell, args: tuple) -> None:
         from ..model.compile_cache import compile_cell
 
-        native = cell.native  # the kernel library's path names its sources, compiler, flags and CPU
         compile_cell(cell, args, {"config": self.config.model_dump(), "precision": self.model.precision,
-                                  "native": None if native is None else [str(native.library), native.threads]})
+                                  "native": self.selection.compile_key(cell)})
 
     # ------------------------------------------------------------------------------------- the Engine protocol
     fixed_batch: int | None = None
