@@ -228,7 +228,7 @@ def _greedy_head(hidden: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     from wizardcoder_plugin.model.runtime import init_mindspore
 
     init_mindspore()
-    q, info = greedy_tables(weight)
+    q, info = greedy_tables(weight, native_kernels())
     e = weight.shape[1]
 
     class Cell(nn.Cell):
@@ -293,15 +293,42 @@ def test_greedy_head_resolves_near_ties_and_flat_rows():
     assert _greedy_head(np.full((1, e), 3.0, np.float32), w)[0] == 0  # LN of a constant: all logits 0
 
 
+def _reference_tables(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The screen's tables as kernels/head.py defines them, in numpy float64."""
+    w = weight.astype(np.float64)
+    gamma = w.shape[1] * 2.0**-24 / (1 - w.shape[1] * 2.0**-24)
+    scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    q = np.clip(np.rint(w / np.where(scale > 0, scale, 1).astype(np.float64)[:, None]), -127, 127)
+    w_hat = q * scale.astype(np.float64)[:, None]
+    c1 = np.linalg.norm(w - w_hat, axis=1) + gamma * np.linalg.norm(w, axis=1)
+    c2 = np.linalg.norm(w_hat, axis=1)
+    return q.astype(np.int8), np.stack([scale, c1 * (1 + 1e-6), c2 * (1 + 1e-6)], axis=1)
+
+
 @needs_kernels
-def test_greedy_tables_refuse_non_finite_weights():
+@pytest.mark.parametrize("v, e", [(5003, 768), (7, 37), (1, 1)])
+def test_greedy_tables_equal_their_definition_and_refuse_non_finite_weights(v, e):
+    """Q and the scales exactly as defined; the bounds at or above their float64 values and within 1e-6 of them;
+    rows of zeros and rows exactly on a level's half-way point (rint: half to even) included."""
     from wizardcoder_plugin.kernels.head import greedy_tables
 
-    w = np.ones((10, 8), np.float32)
-    q, info = greedy_tables(w)
-    assert q.dtype == np.int8 and info.shape == (10, 3) and (q == 127).all()
-    w[3, 2] = np.inf
-    assert greedy_tables(w) is None
+    rng = np.random.default_rng(v * e)
+    w = (rng.standard_normal((v, e)) * 0.02).astype(np.float32)
+    if v > 2:
+        w[1] = 0
+        w[2] = (np.arange(e) % 126 + 0.5) / 128  # with max 127/128 the scale is 1/128: every value a half level
+        w[2, 0] = 127 / 128
+    q, info = greedy_tables(w, native_kernels())
+    want_q, want_info = _reference_tables(w)
+    assert q.dtype == np.int8 and info.dtype == np.float32 and info.shape == (v, 3)
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(info[:, 0], want_info[:, 0].astype(np.float32))
+    assert (info[:, 1:].astype(np.float64) >= want_info[:, 1:] * (1 - 1e-12)).all()
+    np.testing.assert_allclose(info[:, 1:], want_info[:, 1:], rtol=1e-6, atol=0)
+    w[v // 2, e // 2] = np.inf
+    assert greedy_tables(w, native_kernels()) is None
+    w[v // 2, e // 2] = np.nan
+    assert greedy_tables(w, native_kernels()) is None
 
 
 @needs_kernels
@@ -468,3 +495,33 @@ def test_avx2_and_portable_builds_pass_the_kernel_tests(march, tmp_path):
         env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert len(list(tmp_path.glob("native-*.so"))) == 1  # built for that target, not found in the default cache
+
+
+def test_fastest_call_stops_at_its_budget_after_two_rounds():
+    """A probe of slow calls stops after two rounds (one in each order) once more would pass its budget; fast
+    calls take every round; without a budget every round runs."""
+    import time
+
+    from wizardcoder_plugin.kernels.choices import fastest_call
+
+    class Out:
+        def asnumpy(self) -> None:
+            return None
+
+    def counting(delay: float) -> tuple[list[int], object]:
+        count = [0]
+
+        def cell(*_: object) -> Out:
+            count[0] += 1
+            time.sleep(delay)
+            return Out()
+        return count, cell
+
+    slow, slow_cell = counting(0.01)
+    fastest_call({"slow": slow_cell}, (), rounds=4, calls=4, budget_s=0.05)
+    assert slow[0] == 1 + 2 * 5  # its first call, then two rounds of a warm-up and 4 timed calls
+    fast, fast_cell = counting(0.0)
+    fastest_call({"fast": fast_cell}, (), rounds=4, calls=4, budget_s=10.0)
+    unbounded, unbounded_cell = counting(0.01)
+    fastest_call({"x": unbounded_cell}, (), rounds=4, calls=4)
+    assert fast[0] == unbounded[0] == 1 + 4 * 5

@@ -71,7 +71,7 @@ def test_prefill_and_decode_cells_equal_full_forward(fixture, kernels, request):
     if native is not None:
         from wizardcoder_plugin.kernels.head import greedy_tables
 
-        q, info = greedy_tables(net.transformer.wte.weight.asnumpy())
+        q, info = greedy_tables(net.transformer.wte.weight.asnumpy(), native)
         screen = (ms.Parameter(ms.Tensor(q), name=f"sq-{fixture}"), ms.Parameter(ms.Tensor(info), name=f"si-{fixture}"))
         screened = decode_cell(net, cache, greedy=True, native=native, screen=screen)
         assert screened.screen is not None

@@ -68,6 +68,7 @@ class NativeKernels:
     sum_squares: Op  # (g, total [1]) -> total + sum(g^2) [1]
     adamw_step: Op  # (p, m, v, g, hyper [7], decay [1]) -> done [1]; p, m, v updated and g zeroed in place
     greedy_head: Op  # (hidden [B,E], ln_f, W [V,E], Q int8 [V,E], info [V,3], meta [eps]) -> ids [B] int64
+    host: Any = None  # the library through ctypes, for entry points called on numpy arrays (GreedyTables)
 
 
 def cache_dir() -> Path:
@@ -225,7 +226,7 @@ def _build_and_wrap() -> NativeKernels:
                                 bprop=cross_entropy_bprop),
                          custom("BiasAdd", lambda y, *_: list(y)), custom("BiasGelu", lambda y, *_: list(y)),
                          custom("SumSquares", lambda *_: [1]), custom("AdamWStep", lambda *_: [1]),
-                         custom("GreedyHead", lambda hidden, *_: [hidden[0]], dtype=ms.int64))
+                         custom("GreedyHead", lambda hidden, *_: [hidden[0]], dtype=ms.int64), lib)
 
 
 def availability() -> tuple[bool, str]:

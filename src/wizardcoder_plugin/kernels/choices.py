@@ -24,10 +24,14 @@ if TYPE_CHECKING:
     from . import NativeKernels
 
 
-def fastest_call(cells: Mapping[Any, Callable], args: tuple, rounds: int = 4, calls: int = 4) -> dict[Any, float]:
+def fastest_call(cells: Mapping[Any, Callable], args: tuple, rounds: int = 4, calls: int = 4,
+                 budget_s: float | None = None) -> dict[Any, float]:
     """Each cell's fastest single call `cell(*args)` (seconds) over blocks of calls, the cells taking turns block by
     block in an order that flips every round: the minimum resists the noise of a shared machine, blocks keep one
-    cell's weights warm while it is timed, and the flip keeps either from always following the other."""
+    cell's weights warm while it is timed, and the flip keeps either from always following the other.
+    `budget_s`: after the first two rounds (one each way), a round starts only if it should end within the
+    budget, so a probe of large cells (a 1B model's LM head: ~36 ms a call) stops at two rounds while small ones
+    take all `rounds`."""
 
     def call(cell: Callable) -> None:
         out = cell(*args)
@@ -37,7 +41,11 @@ def fastest_call(cells: Mapping[Any, Callable], args: tuple, rounds: int = 4, ca
     for cell in cells.values():
         call(cell)  # compiles
     order = list(cells.items())
-    for _ in range(rounds):
+    start = time.perf_counter()
+    for done in range(rounds):
+        elapsed = time.perf_counter() - start
+        if budget_s is not None and done >= 2 and elapsed * (done + 1) / done > budget_s:
+            break
         for name, cell in order:
             call(cell)
             for _ in range(calls):
@@ -80,6 +88,7 @@ def build_tag(native: NativeKernels | None) -> str:
     return f"{native.library.stem}/threads{native.threads}"
 
 
+HEAD_PROBE_BUDGET_S = 1.5  # seconds of a cold start's head probe beyond its compiles (two rounds at least)
 NATIVE_BLOCKS_CREDIT = 1.2  # the native head may be this much slower and still win: its blocks are faster
 
 
@@ -102,7 +111,7 @@ def head_layout(model: GPTBigCodeForCausalLM, batch: int, candidates: list[str],
     cells = {(name, i): LMHeadCell(model, transposed() if name == "transposed" else None,
                                    native.linear if name == "native" else None)
              for name in candidates for i in range(2)}
-    timed = fastest_call(cells, (hidden,))
+    timed = fastest_call(cells, (hidden,), budget_s=HEAD_PROBE_BUDGET_S)
     best = {name: min(t for (n, _), t in timed.items() if n == name) for name in candidates}
     if "transposed" in best and best["transposed"] >= 0.9 * best.get("tied", float("inf")):
         del best["transposed"]  # only a clear win pays for the copy's memory

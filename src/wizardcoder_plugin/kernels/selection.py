@@ -168,7 +168,7 @@ class KernelSelection:
 
         from .head import greedy_tables
 
-        tables = greedy_tables(self.model.transformer.wte.weight.asnumpy())
+        tables = greedy_tables(self.model.transformer.wte.weight.asnumpy(), self._native)
         return None if tables is None else (ms.Tensor(tables[0]), ms.Tensor(tables[1]))
 
     def _screen_for(self, greedy: bool) -> Screen | None:

@@ -233,3 +233,46 @@ extern "C" int GreedyHead(int nparam, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
+
+// ------------------------------------------------------------------------------------------- the screen's tables
+// W [V,E] fp32 -> Q [V,E] int8 and info [V,3] (s_v, c1_v, c2_v), as `kernels/head.py` derives them: per row, in
+// float64, s_v = max|W[v]| / 127 rounded to fp32, Q[v] = clip(rint(W[v] / s_v), -127, 127), W^[v] = s_v Q[v]
+// (exact), c1_v = |W[v] - W^[v]| + gamma |W[v]| with gamma = E u / (1 - E u), u = 2^-24, c2_v = |W^[v]|, both
+// inflated by 1e-6 and rounded up to fp32. Returns 1, writing nothing useful, where a weight is not finite.
+static float round_up(double x) {
+  const float f = static_cast<float>(x);
+  return f < x ? std::nextafter(f, INFINITY) : f;
+}
+
+extern "C" int GreedyTables(const float *w, int64_t V, int64_t E, int8_t *q, float *info) {
+  const double unit = std::ldexp(1.0, -24), gamma = E * unit / (1 - E * unit);
+  std::vector<int> bad(pool_size(), 0);
+  split(V, parts(V * E * 8), [&](int t, int64_t lo, int64_t hi) {
+    for (int64_t v = lo; v < hi && !bad[t]; ++v) {
+      const float *row = w + v * E;
+      double amax = 0;
+      for (int64_t i = 0; i < E; ++i) {
+        if (!std::isfinite(row[i])) {
+          bad[t] = 1;
+          break;
+        }
+        amax = std::max(amax, std::fabs(static_cast<double>(row[i])));
+      }
+      const float scale = static_cast<float>(amax / 127);
+      const double divisor = scale > 0 ? scale : 1.0;
+      double err = 0, norm = 0, norm_hat = 0;
+      for (int64_t i = 0; i < E; ++i) {
+        const double x = row[i], level = std::min(127.0, std::max(-127.0, std::nearbyint(x / divisor)));
+        const double x_hat = level * static_cast<double>(scale);
+        q[v * E + i] = static_cast<int8_t>(level);
+        err += (x - x_hat) * (x - x_hat), norm += x * x, norm_hat += x_hat * x_hat;
+      }
+      info[v * 3] = scale;
+      info[v * 3 + 1] = round_up((std::sqrt(err) + gamma * std::sqrt(norm)) * (1 + 1e-6));
+      info[v * 3 + 2] = round_up(std::sqrt(norm_hat) * (1 + 1e-6));
+    }
+  });
+  for (int b : bad)
+    if (b) return 1;
+  return 0;
+}
