@@ -161,9 +161,9 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
     from mindspore import ops
 
     from wizardcoder_plugin.kernels.cells import NativeGelu, NativeLayerNorm
+    from wizardcoder_plugin.kernels.training import TrainingKernels
     from wizardcoder_plugin.model.modeling import Activation, LayerNorm
     from wizardcoder_plugin.model.runtime import init_mindspore
-    from wizardcoder_plugin.training.trainer import _native_training_kernels
 
     init_mindspore()
     rng = np.random.default_rng(4)
@@ -187,7 +187,7 @@ def test_layer_norm_forward_and_backward_equal_torch(shape):
     from wizardcoder_plugin.model.modeling import GPTBigCodeForCausalLM
 
     net = GPTBigCodeForCausalLM(PRESETS["wizardcoder-tiny"].model_copy(update={"n_layer": 1}))
-    assert _native_training_kernels(net)  # the trainer's switch: every LayerNorm and activation of the model
+    assert TrainingKernels(net, 8).native  # the trainer's switch: every LayerNorm and activation of the model
     assert all(isinstance(c.kernel, NativeLayerNorm | NativeGelu) for _, c in net.cells_and_names()
                if isinstance(c, LayerNorm | Activation))
 

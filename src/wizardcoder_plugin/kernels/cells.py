@@ -1,7 +1,7 @@
 """The seam where the native CPU kernels enter the network: substitutes for `model.inference`'s prefill and decode
 cells that replace their hook methods (norm, dense, blocks, the LM head's matmul, the greedy pick), the two
-factories `Generator` builds its cells through, and for training the LayerNorm and GELU kernels, a linear layer's
-backward, the per-token loss, the gradient norm and the AdamW update."""
+factories `selection` builds the engine's cells through, and for training (through `training`) the LayerNorm and
+GELU kernels, a linear layer's backward, the per-token loss, the gradient norm and the AdamW update."""
 
 from __future__ import annotations
 
@@ -210,14 +210,6 @@ class NativeAdamW(AdamW):
             out = ops.depend(out, self.step(self.params[i], self.m[i], self.v[i], self.accum[i], hyper,
                                             self.decay_t[i]))
         return out.sum()
-
-
-def training_cells(native: NativeKernels | None) -> dict[str, nn.Cell]:
-    """The loss's and the gradient norm's kernels for CausalLMLoss(nll=) and GradStats(norm=): native where
-    `native` is given, else {} (MindSpore's defaults)."""
-    if native is None:
-        return {}
-    return {"nll": NativeTokenNLL(native.cross_entropy), "norm": NativeSquaredNorm(native.sum_squares)}
 
 
 def adamw(params: ParameterTuple, accum: ParameterTuple, beta1: float, beta2: float, eps: float,

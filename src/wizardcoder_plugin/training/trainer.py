@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,10 +31,6 @@ from ..model.config import GPTBigCodeConfig
 from ..weights import load_params, save_params
 from .preprocess import COLUMNS, read_mindrecord
 from .run_config import TrainSettings
-
-if TYPE_CHECKING:
-    from ..kernels import NativeKernels
-    from ..model.modeling import GPTBigCodeForCausalLM
 
 CKPT_PREFIX = "checkpoint-"
 StepCallback = Callable[[dict], None]
@@ -120,48 +115,10 @@ def _checkpoint_file(folder: Path, stem: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
-def _native_training_kernels(model: GPTBigCodeForCausalLM) -> NativeKernels | None:
-    """On CPU, put every LayerNorm and MLP activation on the native kernels (MindSpore's CPU LayerNormGrad is slow
-    on training shapes; its composed GELU is ~15 elementwise passes forward and back); the kernels (for the
-    optimizer too) where that was done, else None (no compiler, off CPU, or ZOO_NATIVE_KERNELS=0)."""
-    import mindspore as ms
-
-    from ..kernels import KernelUnavailable, native_kernels
-
-    if ms.get_context("device_target") != "CPU":
-        return None
-    try:
-        native = native_kernels()
-    except KernelUnavailable:
-        return None
-    from ..kernels.cells import use_native_training_kernels
-
-    use_native_training_kernels(model, native)
-    return native
-
-
 def _recorded_numerics(output_dir: Path) -> dict:
     """The numerics record of the newest checkpoint in `output_dir` ({} if none): what a resume reuses."""
     found = checkpoints(output_dir) if output_dir.is_dir() else []
     return json.loads((found[-1] / "state.json").read_text()).get("numerics", {}) if found else {}
-
-
-def _numerics_changes(recorded: dict, now: dict) -> list[str]:
-    """What a resumed run could not take over from the run it continues."""
-    changes = []
-    if recorded.get("native_kernels") and not now["native_kernels"]:
-        changes.append("the native CPU kernels the run used are unavailable now")
-    elif recorded.get("kernel_library") not in (None, now["kernel_library"]):
-        changes.append(f"the native kernels were built as {recorded['kernel_library']}, now as "
-                       f"{now['kernel_library']} (another CPU, compiler or source)")
-    if recorded.get("kernel_threads") not in (None, now["kernel_threads"]) and now["native_kernels"]:
-        changes.append(f"the native kernels ran on {recorded['kernel_threads']} threads, now on "
-                       f"{now['kernel_threads']} (ZOO_KERNEL_THREADS)")
-    for shape, choice in (recorded.get("linear_backward") or {}).items():
-        if now["linear_backward"].get(shape, "mindspore") != choice:
-            changes.append(f"the {shape} layers' backward was {choice}, now "
-                           f"{now['linear_backward'].get(shape, 'mindspore')}")
-    return changes
 
 
 class Trainer:
@@ -190,21 +147,14 @@ class Trainer:
                                  allow_random=settings.mode == "pretrain")
         self.model.set_train(True)
         recorded = _recorded_numerics(settings.output_dir) if settings.resume else {}
-        if recorded.get("kernel_threads") and "ZOO_KERNEL_THREADS" not in os.environ:
-            os.environ["ZOO_KERNEL_THREADS"] = str(recorded["kernel_threads"])  # read when the kernels load
-        native = _native_training_kernels(self.model)
-        from ..kernels.choices import choose_backwards, rank0_choices
+        from ..kernels.choices import rank0_choices
+        from ..kernels.training import TrainingKernels
 
         agree = (lambda chosen: rank0_choices(chosen, self.rank)) if self.world > 1 else None
-        backwards = choose_backwards(self.model, settings.batch_size * seq, native,
-                                      recorded.get("linear_backward"), agree=agree)
-        # everything that can change this run's numbers besides its settings: saved with every checkpoint
-        self.numerics = {"native_kernels": native is not None,
-                         "kernel_library": native.library.name if native is not None else None,
-                         "kernel_threads": native.threads if native is not None else None,
-                         "linear_backward": backwards}
+        kernels = TrainingKernels(self.model, settings.batch_size * seq, recorded, agree)
+        self.numerics = kernels.numerics  # saved with every checkpoint
         if self.rank == 0:
-            for change in _numerics_changes(recorded, self.numerics):
+            for change in kernels.changes(recorded):
                 print(f"note: resuming in {settings.output_dir}: {change}; the run goes on, but no longer "
                       "bit-exact with an uninterrupted one", file=sys.stderr)
         if settings.parallel.recompute:  # activation checkpointing per block: memory for compute, same numbers
@@ -213,15 +163,12 @@ class Trainer:
         self.params = ParameterTuple(self.model.trainable_params())
         self.accum = fp32_zeros(self.params, "accum")
         reducer = nn.DistributedGradReducer(self.accum, mean=True, degree=self.world) if self.world > 1 else None
-        from ..kernels.cells import adamw, training_cells
-
-        kernels = training_cells(native)
-        self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id, kernels.get("nll")), self.params,
+        self.accumulate = AccumulateGrads(CausalLMLoss(self.model, pad_token_id, kernels.nll), self.params,
                                           self.accum, overwrite=settings.grad_accum == 1)
-        self.stats = GradStats(self.accum, reducer, kernels.get("norm"))
+        self.stats = GradStats(self.accum, reducer, kernels.norm)
         self.clear = ClearGrads(self.accum)
-        self.adamw = adamw(self.params, self.accum, settings.beta1, settings.beta2, settings.eps,
-                           settings.weight_decay, native)
+        self.adamw = kernels.adamw(self.params, self.accum, settings.beta1, settings.beta2, settings.eps,
+                                   settings.weight_decay)
         self.scaler = LossScaler(scale=settings.loss_scale if settings.precision == "fp16" else 1.0,
                                  factor=settings.loss_scale_factor, window=settings.loss_scale_window,
                                  dynamic=settings.precision == "fp16")
