@@ -15,6 +15,7 @@ keeps MindSpore's own kernels.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -68,7 +69,7 @@ class NativeKernels:
     sum_squares: Op  # (g, total [1]) -> total + sum(g^2) [1]
     adamw_step: Op  # (p, m, v, g, hyper [7], decay [1]) -> done [1]; p, m, v updated and g zeroed in place
     greedy_head: Op  # (hidden [B,E], ln_f, W [V,E], Q int8 [V,E], info [V,3], meta [eps]) -> ids [B] int64
-    host: Any = None  # the library through ctypes, for entry points called on numpy arrays (GreedyTables)
+    host: ctypes.CDLL  # the library through ctypes: entry points called on numpy arrays (GreedyTables)
 
 
 def cache_dir() -> Path:
@@ -185,12 +186,12 @@ def _build_and_wrap() -> NativeKernels:
     for started in _prebuild:
         started.join()
     library = build()
-    import ctypes
-
     try:
         lib = ctypes.CDLL(str(library))  # a broken library fails here, with the loader's message, not in a graph
     except OSError as exc:
         raise KernelUnavailable(f"loading {library} failed: {exc}") from exc
+    lib.GreedyTables.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.GreedyTables.restype = ctypes.c_int  # (W [V,E] fp32, V, E, out Q [V,E] int8, out info [V,3]) -> 1: non-finite
     import mindspore as ms
     from mindspore import ops
 

@@ -4,7 +4,6 @@ the screen exact (the kernel re-scores the rows the bound cannot rule out on the
 
 from __future__ import annotations
 
-import ctypes
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,9 +24,6 @@ def greedy_tables(weight: np.ndarray, native: NativeKernels) -> tuple[np.ndarray
     rows, dim = weight.shape
     quantized = np.empty((rows, dim), dtype=np.int8)
     info = np.empty((rows, 3), dtype=np.float32)
-    fn = native.host.GreedyTables
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    if fn(weight.ctypes.data, rows, dim, quantized.ctypes.data, info.ctypes.data):
+    if native.host.GreedyTables(weight.ctypes.data, rows, dim, quantized.ctypes.data, info.ctypes.data):
         return None
     return quantized, info

@@ -58,20 +58,19 @@ class KernelSelection:
         (`screens(batch, greedy)`), the others logits."""
         from .cells import prefill_cell
 
-        native, head_t = self._for(batch)
-        return prefill_cell(self.model, cache, head_t, native, None if native is None else self._screen_for(greedy))
+        native, head_t, screen = self._for(batch, greedy)
+        return prefill_cell(self.model, cache, head_t, native, screen)
 
     def decode_cell(self, batch: int, cache: KVCache, greedy: bool) -> DecodeCell:
         """The decode step over `cache`; greedy ones return token ids, the others logits."""
         from .cells import decode_cell
 
-        native, head_t = self._for(batch)
-        return decode_cell(self.model, cache, greedy, head_t, native,
-                           None if native is None else self._screen_for(greedy))
+        native, head_t, screen = self._for(batch, greedy)
+        return decode_cell(self.model, cache, greedy, head_t, native, screen)
 
     def screens(self, batch: int, greedy: bool) -> bool:
         """Whether `batch`-row greedy graphs pick on the screened head (their prefill then returns ids)."""
-        return self._for(batch)[0] is not None and self._screen_for(greedy) is not None
+        return self._for(batch, greedy)[2] is not None
 
     def compile_key(self, cell: object) -> list[object] | None:
         """What of the kernels a compiled graph depends on: the library's path names its sources, compiler, flags
@@ -103,15 +102,17 @@ class KernelSelection:
                 param.set_data(table)
 
     # ------------------------------------------------------------------------------------------- the choices
-    def _for(self, batch: int) -> tuple[NativeKernels | None, Parameter | None]:
-        """(the native kernels or None, the transposed head or None) for `batch`-row graphs, chosen once."""
+    def _for(self, batch: int, greedy: bool) -> tuple[NativeKernels | None, Parameter | None, Screen | None]:
+        """What `batch`-row graphs read, chosen once per batch size: the native kernels or None, the transposed
+        head or None, and for greedy native graphs the screening copy (None where it cannot be used)."""
         if batch not in self.head_choice:
             self.head_choice[batch] = self._pick(batch)
             if "transposed" not in self.head_choice.values():
                 self.head_t = None  # a probe's copy that no graph reads: free it
         choice = self.head_choice[batch]
-        return (self._native if choice == "native" else None,
-                self._transposed_head() if choice == "transposed" else None)
+        native = self._native if choice == "native" else None
+        return (native, self._transposed_head() if choice == "transposed" else None,
+                self._screen_for() if native is not None and greedy else None)
 
     def _native_kernels(self) -> NativeKernels | None:
         """The native kernels if they may run here, else None (for "auto") or an InputError (for "native")."""
@@ -171,9 +172,10 @@ class KernelSelection:
         tables = greedy_tables(self.model.transformer.wte.weight.asnumpy(), self._native)
         return None if tables is None else (ms.Tensor(tables[0]), ms.Tensor(tables[1]))
 
-    def _screen_for(self, greedy: bool) -> Screen | None:
-        """The screening copy's parameters where a greedy native graph should read it (made on first use)."""
-        if not greedy or not self.screened_head or self._native is None:
+    def _screen_for(self) -> Screen | None:
+        """The screening copy's parameters for greedy native graphs (made on first use), None if they go
+        without."""
+        if not self.screened_head:
             return None
         if self._screen is None:
             import mindspore as ms

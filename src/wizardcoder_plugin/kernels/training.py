@@ -24,33 +24,23 @@ class TrainingKernels:
 
     def __init__(self, model: GPTBigCodeForCausalLM, rows: int, recorded: dict | None = None,
                  agree: Callable[[dict], dict] | None = None) -> None:
+        from .cells import NativeSquaredNorm, NativeTokenNLL
         from .choices import choose_backwards
 
         recorded = recorded or {}
         if recorded.get("kernel_threads") and "ZOO_KERNEL_THREADS" not in os.environ:
             os.environ["ZOO_KERNEL_THREADS"] = str(recorded["kernel_threads"])  # read when the kernels load
-        self.native = _use_native(model)
-        backwards = choose_backwards(model, rows, self.native, recorded.get("linear_backward"), agree=agree)
-        native = self.native
+        self.native = native = _use_native(model)
+        backwards = choose_backwards(model, rows, native, recorded.get("linear_backward"), agree=agree)
+        # the per-token loss for CausalLMLoss(nll=) and the squared gradient norm for GradStats(norm=): native, or
+        # None (MindSpore's)
+        self.nll: nn.Cell | None = None if native is None else NativeTokenNLL(native.cross_entropy)
+        self.norm: nn.Cell | None = None if native is None else NativeSquaredNorm(native.sum_squares)
         # everything that can change a run's numbers besides its settings: saved with every checkpoint
         self.numerics = {"native_kernels": native is not None,
                          "kernel_library": native.library.name if native is not None else None,
                          "kernel_threads": native.threads if native is not None else None,
                          "linear_backward": backwards}
-
-    @property
-    def nll(self) -> nn.Cell | None:
-        """The per-token loss for CausalLMLoss(nll=): native, or None (MindSpore's)."""
-        from .cells import NativeTokenNLL
-
-        return None if self.native is None else NativeTokenNLL(self.native.cross_entropy)
-
-    @property
-    def norm(self) -> nn.Cell | None:
-        """The squared gradient norm for GradStats(norm=): native, or None (MindSpore's)."""
-        from .cells import NativeSquaredNorm
-
-        return None if self.native is None else NativeSquaredNorm(self.native.sum_squares)
 
     def adamw(self, params: ParameterTuple, accum: ParameterTuple, beta1: float, beta2: float, eps: float,
               weight_decay: float) -> AdamW:
