@@ -1,9 +1,11 @@
 """Start-up and load cost at real sizes: a cold and a warm `zoo predict` (16 new tokens) against HF transformers'
 `from_pretrained` + `generate` of the same random checkpoint, each run a fresh process timed from its start to
 its exit with its peak RSS (wait4); then `zoo convert`'s peak RSS. Shapes: the 1B WizardCoder (sharded safetensors,
-fp32, 4.5 GB) and tiny_starcoder (164M). "Cold" runs with empty zoo caches (kernel build, timing choices,
-compile cache); "warm" runs again with the caches the cold run left. The 3B and 15B figures are extrapolated
-from the two measured shapes' per-parameter costs.
+fp32, 4.5 GB) and tiny_starcoder (164M). "Cold" is a first run after installing: the native kernels built as
+scripts/setup.sh builds them (`python -m wizardcoder_plugin.kernels build`, timed on its own), the timing
+choices and the compile cache empty; "unbuilt" is a first run that also finds no kernel build (it compiles them
+while MindSpore starts); "warm" runs again with the caches the cold run left. The 3B and 15B figures are
+extrapolated from the two measured shapes' per-parameter costs.
 
     python benchmarks/startup.py                       # both shapes (writes ~5 GB under --work)
     python benchmarks/startup.py --shapes tiny_starcoder --repeats 1
@@ -103,9 +105,12 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         folder, cfg = make_checkpoint(args.work / shape, shape)
-        cache = args.work / f"cache-{shape}"
-        shutil.rmtree(cache, ignore_errors=True)
+        cache, unbuilt = args.work / f"cache-{shape}", args.work / f"cache-{shape}-unbuilt"
+        for c in (cache, unbuilt):
+            shutil.rmtree(c, ignore_errors=True)
         env = os.environ | {"ZOO_KERNEL_CACHE": str(cache / "kernels"), "ZOO_COMPILE_CACHE": str(cache / "compile")}
+        bare = os.environ | {"ZOO_KERNEL_CACHE": str(unbuilt / "kernels"),
+                             "ZOO_COMPILE_CACHE": str(unbuilt / "compile")}
         predict = zoo("predict", "wizardcoder-1b", "--config", str(folder / "config.json"), "--weights", str(folder),
                       "--prompt", PROMPT, "--template", "none", "--max-new-tokens", str(NEW_TOKENS),
                       "--batch-size", "1", "--json")
@@ -116,6 +121,8 @@ def main() -> None:
         conv_wall, conv_rss, _ = timed(convert, env)
         ms_out.unlink(missing_ok=True)
         hf = [timed(hf_cmd) for _ in range(args.repeats)]
+        unbuilt_run = timed(predict, bare)
+        build_wall = timed([sys.executable, "-m", "wizardcoder_plugin.kernels", "build"], env)[0]
         cold = timed(predict, env)
         warm = [timed(predict, env) for _ in range(args.repeats)]
         tokens = len(json.loads(cold[2].splitlines()[0])["token_ids"])
@@ -123,6 +130,7 @@ def main() -> None:
         n_params = weight_bytes(folder) / 4
         row = {"shape": shape, "parameters": n_params, "weights_gb": gb, "hf_wall": min(w for w, _, _ in hf),
                "hf_rss": min(r for _, r, _ in hf), "cold_wall": cold[0], "cold_rss": cold[1],
+               "unbuilt_wall": unbuilt_run[0], "kernel_build_wall": build_wall,
                "warm_wall": min(w for w, _, _ in warm), "warm_rss": min(r for _, r, _ in warm),
                "convert_wall": conv_wall, "convert_rss": conv_rss, "tokens": tokens}
         rows.append(row)
@@ -138,12 +146,14 @@ def main() -> None:
 
 def render(rows: list[dict]) -> str:
     lines = ["| shape | weights | HF wall / RSS | zoo cold wall / RSS | zoo warm wall / RSS | cold/HF | warm/HF | "
-             "RSS / weights | convert wall / RSS |", "|---|---|---|---|---|---|---|---|---|"]
+             "unbuilt wall (/HF) | kernel build | RSS / weights | convert wall / RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['shape']} ({r['parameters'] / 1e9:.2f}B) | {r['weights_gb']:.2f} GiB | {r['hf_wall']:.1f} s / "
             f"{r['hf_rss']:.2f} GiB | {r['cold_wall']:.1f} s / {r['cold_rss']:.2f} GiB | {r['warm_wall']:.1f} s / "
             f"{r['warm_rss']:.2f} GiB | {r['cold_wall'] / r['hf_wall']:.2f}× | {r['warm_wall'] / r['hf_wall']:.2f}× | "
+            f"{r['unbuilt_wall']:.1f} s ({r['unbuilt_wall'] / r['hf_wall']:.2f}×) | {r['kernel_build_wall']:.1f} s | "
             f"{r['warm_rss'] / r['weights_gb']:.2f}× | {r['convert_wall']:.1f} s / {r['convert_rss']:.2f} GiB |")
     if len(rows) >= 2:
         lines.append("")

@@ -12,6 +12,10 @@ if [ ! -x .venv/bin/python ] || [ "${FRESH:-0}" = 1 ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e ".[${EXTRAS}]" 2> >(grep -v "WARNING: Location" >&2)
+# the native CPU kernels, compiled for this machine now rather than during the first run (a compiled extension's
+# build at install); without a C++ compiler MindSpore's kernels run instead
+.venv/bin/python -m wizardcoder_plugin.kernels build >/dev/null \
+  || echo "warning: the native CPU kernels were not built (see above); MindSpore's kernels will run" >&2
 if [ "${LITE:-1}" = 1 ]; then
   # optional: without Python 3.7 the lite export backend is unavailable, everything else works
   if ZOO_LITE_ENV="$(pwd)/.venv-lite" .venv/bin/python -m wizardcoder_plugin.export.lite_runtime setup \

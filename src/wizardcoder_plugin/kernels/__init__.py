@@ -3,9 +3,9 @@
 `linear.cc`: multi-threaded small-row linear layers, a GPTBigCode block's decode step in one call, the prefill's
 epilogues; `head.cc`: the screened greedy LM head; `gemm.cc`: the packed GEMM of linear layers' backward;
 `training.cc`: LayerNorm, GELU and cross-entropy forward and backward, the AdamW update), compiled in parallel
-on first use with the machine's C++ compiler, linked into one library, and run inside MindSpore graphs as Custom
-"aot" ops. `cells` substitutes them into the inference cells; `choices` holds every timing-based choice between
-these kernels and MindSpore's.
+with the machine's C++ compiler (at install by `python -m wizardcoder_plugin.kernels build`, else on first use),
+linked into one library, and run inside MindSpore graphs as Custom "aot" ops. `cells` substitutes them into the
+inference cells; `choices` holds every timing-based choice between these kernels and MindSpore's.
 
 The library is built once per (sources, compiler, flags, CPU) and cached under `$ZOO_KERNEL_CACHE` (default
 `~/.cache/zoo/kernels`), written atomically; `$ZOO_KERNEL_MARCH` picks the target (default `native`). Without a

@@ -17,7 +17,7 @@ from ..model.modeling import Activation, Dense, LayerNorm
 from ..training.optim import AdamW, SquaredNorm, TokenNLL
 
 if TYPE_CHECKING:
-    from ..model.modeling import GPTBigCodeForCausalLM, Linear
+    from ..model.modeling import GPTBigCodeForCausalLM
     from . import NativeKernels
 
 Screen = tuple[Parameter, Parameter]  # the LM head's int8 screening copy: Q [V,E], info [V,3] (kernels/head.py)
@@ -55,18 +55,18 @@ class NativePrefillCell(_NativeHead, PrefillCell):
         self.attach(native, screen)
         self.matmul_t = ops.MatMul(transpose_b=True)
 
-    def norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
-        return self.native.layer_norm(x, ln.weight, ln.bias, ln.eps)
+    def norm(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return self.native.layer_norm(x, w, b, self.model.transformer.ln_f.eps)  # the config's epsilon
 
-    def dense(self, x: Tensor, linear: Linear, residual: Tensor | None = None, act: Activation | None = None) -> Tensor:
+    def dense(self, x: Tensor, w: Tensor, b: Tensor, residual: Tensor | None = None, act: bool = False) -> Tensor:
         shape = x.shape
-        y = self.matmul_t(x.reshape(-1, shape[-1]), linear.weight)
-        if act is not None:
-            y = self.native.bias_gelu(y, linear.bias, act.meta)
+        y = self.matmul_t(x.reshape(-1, shape[-1]), w)
+        if act:
+            y = self.native.bias_gelu(y, b, self.model.transformer.h[0].mlp.act.meta)
         elif residual is not None:
-            y = self.native.bias_add(y, linear.bias, residual)
+            y = self.native.bias_add(y, b, residual)
         else:
-            y = self.native.bias_add(y, linear.bias)
+            y = self.native.bias_add(y, b)
         return y.reshape(shape[:-1] + (y.shape[-1],))
 
     def out(self, hidden: Tensor) -> Tensor:

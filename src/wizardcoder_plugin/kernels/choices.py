@@ -89,14 +89,16 @@ def build_tag(native: NativeKernels | None) -> str:
 
 
 HEAD_PROBE_BUDGET_S = 1.5  # seconds of a cold start's head probe beyond its compiles (two rounds at least)
+LARGE_HEAD_BYTES = 64 * 2**20  # a head this large is memory-bound on any placement of its small buffers
 NATIVE_BLOCKS_CREDIT = 1.2  # the native head may be this much slower and still win: its blocks are faster
 
 
 def head_layout(model: GPTBigCodeForCausalLM, batch: int, candidates: list[str], native: NativeKernels | None,
                 transposed: Callable[[], object]) -> str:
     """The LM head for `batch`-row decoding among `candidates` (native, tied, transposed: the same products):
-    cached, else timed, two compiled instances per candidate (one instance's speed can be off for its lifetime:
-    buffer placement)."""
+    cached, else timed. A small head is timed on two compiled instances per candidate (one instance's speed can be
+    off for its lifetime: buffer placement), a large one, whose calls stream the head from memory whatever the
+    buffers' placement, on one instance with two calls a round: a 1B model's probe took 2.2 s the other way."""
     import mindspore as ms
     import numpy as np
 
@@ -108,10 +110,11 @@ def head_layout(model: GPTBigCodeForCausalLM, batch: int, candidates: list[str],
         return known
     hidden = ms.Tensor(np.random.default_rng(0).standard_normal((batch, wte.shape[1]), dtype=np.float32),
                        dtype=wte.dtype)
+    large = wte.size * wte.itemsize > LARGE_HEAD_BYTES
     cells = {(name, i): LMHeadCell(model, transposed() if name == "transposed" else None,
                                    native.linear if name == "native" else None)
-             for name in candidates for i in range(2)}
-    timed = fastest_call(cells, (hidden,), budget_s=HEAD_PROBE_BUDGET_S)
+             for name in candidates for i in range(1 if large else 2)}
+    timed = fastest_call(cells, (hidden,), calls=2 if large else 4, budget_s=HEAD_PROBE_BUDGET_S)
     best = {name: min(t for (n, _), t in timed.items() if n == name) for name in candidates}
     if "transposed" in best and best["transposed"] >= 0.9 * best.get("tied", float("inf")):
         del best["transposed"]  # only a clear win pays for the copy's memory

@@ -11,7 +11,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from .config import GPTBigCodeConfig
-from .modeling import MASK_MIN, Activation, GPTBigCodeForCausalLM, LayerNorm, Linear, attend, causal_mask
+from .modeling import MASK_MIN, GPTBigCodeBlock, GPTBigCodeForCausalLM, attend, causal_mask, linear
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -78,50 +78,71 @@ class _CachedCell(nn.Cell):
             positions = positions.reshape(b, 1, s).broadcast_to((b, self.kv_heads, s))
         return first + positions.reshape(b * self.kv_heads, s)
 
-    def write(self, i: int, rows: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v [B,S,kv*d] at `rows`; the updated flat caches [B*kv*T, d]."""
-        keys = self.update(self.keys[i], rows, self.by_head(k).astype(self.keys[i].dtype))
-        values = self.update(self.values[i], rows, self.by_head(v).astype(self.values[i].dtype))
-        return keys, values
+    def write(self, keys: Tensor, values: Tensor, rows: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v [B,S,kv*d] at `rows` of a layer's flat caches [B*kv*T, d]; the updated caches."""
+        return (self.update(keys, rows, self.by_head(k).astype(keys.dtype)),
+                self.update(values, rows, self.by_head(v).astype(values.dtype)))
+
+
+def block_weights(block: GPTBigCodeBlock) -> tuple[Parameter, ...]:
+    """A block's parameters in `PrefillCell.block`'s order (the checkpoint's names, in the order they are used)."""
+    attn, mlp = block.attn, block.mlp
+    return (block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight,
+            attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
+            mlp.c_proj.bias)
 
 
 class PrefillCell(_CachedCell):
     """Runs right-padded prompts [B,S], writes every position's key and value into the caches' rows `slots` [B]
     (default: the first B; a cache may hold more rows, the others are left as they are), returns the logits at
-    each row's last real token [B,V] (`out`). A block is `norm`, `dense` and attention: the hooks a substitute
-    (kernels.cells.NativePrefillCell) replaces."""
+    each row's last real token [B,V] (`out`). A block (`block`) is `norm`, `dense` and attention on the block's
+    weights given as tensors, so one compiled block can serve every layer (kernels.cells.LayeredPrefill); `norm`,
+    `dense` and `out` are the hooks a substitute (kernels.cells.NativePrefillCell) replaces."""
 
-    def norm(self, x: Tensor, ln: LayerNorm) -> Tensor:
-        return ln(x)
+    def norm(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return self.model.transformer.ln_f.normalize(x, w, b)  # every LayerNorm has the config's epsilon
 
-    def dense(self, x: Tensor, linear: Linear, residual: Tensor | None = None, act: Activation | None = None) -> Tensor:
-        """act(linear(x)), or linear(x) (+ residual)."""
-        y = linear(x)
-        if act is not None:
-            return act(y)
+    def dense(self, x: Tensor, w: Tensor, b: Tensor, residual: Tensor | None = None, act: bool = False) -> Tensor:
+        """act(x W^T + b), or x W^T + b (+ residual)."""
+        y = linear(x, w, b)
+        if act:
+            return self.model.transformer.h[0].mlp.act(y)
         return y if residual is None else y + residual
 
     def out(self, hidden: Tensor) -> Tensor:
         """[B,E] at each row's last token -> what the graph returns: logits [B,V]."""
         return self.head(hidden)
 
-    def construct(self, input_ids: Tensor, lengths: Tensor, slots: Tensor | None = None) -> Tensor:
+    def start(self, input_ids: Tensor, slots: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The embedded prompts [B,S,E], the cache rows [B*kv,S] their keys and values go to, the causal mask."""
         b, s = input_ids.shape
-        tr = self.model.transformer
         positions = ops.arange(0, s, dtype=ms.int32).reshape(1, s).broadcast_to((b, s))
-        rows = self.cache_rows(positions, slots)
         mask = causal_mask(s).broadcast_to((b, s, s))
-        hidden = tr.embed(input_ids, positions)
-        for i, block in enumerate(tr.h):
-            attn, mlp = block.attn, block.mlp
-            q, k, v = attn.split_fused(self.dense(self.norm(hidden, block.ln_1), attn.c_attn))
-            written = self.write(i, rows, k, v)
-            out = ops.depend(attend(q, k, v, mask, attn.n_head, attn.multi_query), written)
-            hidden = self.dense(out, attn.c_proj, residual=hidden)
-            inner = self.dense(self.norm(hidden, block.ln_2), mlp.c_fc, act=mlp.act)
-            hidden = self.dense(inner, mlp.c_proj, residual=hidden)
-        last = ops.stack((ops.arange(0, b, dtype=ms.int32), lengths - 1), axis=-1)
+        return self.model.transformer.embed(input_ids, positions), self.cache_rows(positions, slots), mask
+
+    def block(self, hidden: Tensor, rows: Tensor, mask: Tensor, weights: tuple[Tensor, ...], keys: Tensor,
+              values: Tensor) -> Tensor:
+        """One block on `weights` (`block_weights`' order), writing its keys and values at `rows` of `keys` and
+        `values` (the layer's flat caches) -> hidden [B,S,E]."""
+        ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b = weights
+        attn = self.model.transformer.h[0].attn  # its split and scale, the same in every block
+        q, k, v = attn.split_fused(self.dense(self.norm(hidden, ln1_w, ln1_b), qkv_w, qkv_b))
+        written = self.write(keys, values, rows, k, v)
+        out = ops.depend(attend(q, k, v, mask, attn.n_head, attn.multi_query), written)
+        hidden = self.dense(out, o_w, o_b, residual=hidden)
+        inner = self.dense(self.norm(hidden, ln2_w, ln2_b), fc_w, fc_b, act=True)
+        return self.dense(inner, proj_w, proj_b, residual=hidden)
+
+    def finish(self, hidden: Tensor, lengths: Tensor) -> Tensor:
+        """What the graph returns (`out`) for each row's last real token."""
+        last = ops.stack((ops.arange(0, hidden.shape[0], dtype=ms.int32), lengths - 1), axis=-1)
         return self.out(ops.gather_nd(hidden, last))
+
+    def construct(self, input_ids: Tensor, lengths: Tensor, slots: Tensor | None = None) -> Tensor:
+        hidden, rows, mask = self.start(input_ids, slots)
+        for i, block in enumerate(self.model.transformer.h):
+            hidden = self.block(hidden, rows, mask, block_weights(block), self.keys[i], self.values[i])
+        return self.finish(hidden, lengths)
 
 
 class DecodeCell(_CachedCell):
@@ -169,13 +190,21 @@ class DecodeCell(_CachedCell):
         rows = self.cache_rows(positions.reshape(b, 1))
         bias = (self.key_positions.reshape(1, 1, -1) > positions.reshape(b, 1, 1)).astype(ms.float32) * MASK_MIN
         for i, block in enumerate(self.model.transformer.h):
-            attn = block.attn
-            q, k, v = attn.split_qkv(block.ln_1(hidden))
-            keys, values = self.write(i, rows, k, v)
-            out = self.attend(q, keys, values, bias)
-            hidden = hidden + attn.c_proj(out)
-            hidden = hidden + block.mlp(block.ln_2(hidden))
+            hidden = self.block(hidden, rows, bias, block_weights(block), self.keys[i], self.values[i])
         return hidden.reshape(b, -1)
+
+    def block(self, hidden: Tensor, rows: Tensor, bias: Tensor, weights: tuple[Tensor, ...], keys: Tensor,
+              values: Tensor) -> Tensor:
+        """One block's step on `weights` (`block_weights`' order), its key and value written at `rows` of the
+        layer's caches -> hidden [B,1,E]. A function of its weights, like `PrefillCell.block`: MindSpore compiles
+        it once for every layer instead of once per layer."""
+        ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b = weights
+        tr = self.model.transformer
+        q, k, v = tr.h[0].attn.split_fused(linear(tr.ln_f.normalize(hidden, ln1_w, ln1_b), qkv_w, qkv_b))
+        keys, values = self.write(keys, values, rows, k, v)
+        hidden = hidden + linear(self.attend(q, keys, values, bias), o_w, o_b)
+        inner = tr.h[0].mlp.act(linear(tr.ln_f.normalize(hidden, ln2_w, ln2_b), fc_w, fc_b))
+        return hidden + linear(inner, proj_w, proj_b)
 
     def pick(self, hidden: Tensor) -> Tensor:
         """[B,E] -> logits [B,V], or greedy ids [B]."""

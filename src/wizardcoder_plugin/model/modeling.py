@@ -29,6 +29,13 @@ _DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 MASK_MIN = float(np.finfo(np.float32).min)
 
 
+def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """x [..., in] W^T + b with HF's [out, in] weight layout."""
+    shape = x.shape
+    y = ops.dense(x.reshape(-1, shape[-1]).astype(w.dtype), w, b)
+    return y.reshape(shape[:-1] + (y.shape[-1],))
+
+
 class Linear(nn.Cell):
     """y = x W^T + b with HF's [out, in] weight layout. The trainer may set `dense` to a `ChunkedBackwardDense` or
     a `NativeBackwardDense` (the same product, another backward)."""
@@ -40,12 +47,10 @@ class Linear(nn.Cell):
         self.dense = None
 
     def construct(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1]).astype(self.weight.dtype)
         if self.dense is None:
-            y = ops.dense(flat, self.weight, self.bias)
-        else:
-            y = self.dense(flat, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
+        shape = x.shape
+        y = self.dense(x.reshape(-1, shape[-1]).astype(self.weight.dtype), self.weight, self.bias)
         return y.reshape(shape[:-1] + (y.shape[-1],))
 
 
@@ -114,8 +119,11 @@ class LayerNorm(nn.Cell):
         self.eps = Tensor(np.array([eps], dtype=np.float32))
 
     def construct(self, x: Tensor) -> Tensor:
-        x32, w, b = x.astype(ms.float32), self.weight.astype(ms.float32), self.bias.astype(ms.float32)
-        return self.kernel(x32, w, b, self.eps).astype(x.dtype)
+        return self.normalize(x, self.weight, self.bias)
+
+    def normalize(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        """x normalized with this layer's epsilon and kernel and the weight and bias `w`, `b`."""
+        return self.kernel(x.astype(ms.float32), w.astype(ms.float32), b.astype(ms.float32), self.eps).astype(x.dtype)
 
 
 class GeluKernel(nn.Cell):
