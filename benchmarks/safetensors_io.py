@@ -1,0 +1,100 @@
+"""Reading and writing a real-size safetensors checkpoint: the `safetensors` library against this plugin's own
+reader and writer (`weights/safetensors_files.py`), each case a fresh process timed from start to exit with its
+peak RSS and its peak private (anonymous) memory. Reading hands every tensor over as an array and reads each once
+(a sum), as a load followed by a first forward does; writing writes the same tensors as shards of at most 2 GB.
+The checkpoint is `startup.py`'s random 1B one (sharded fp32, 4.5 GB), created if missing.
+
+    python benchmarks/safetensors_io.py [--work /tmp/zoo-startup] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine  # noqa: E402
+from startup import make_checkpoint, timed  # noqa: E402
+
+CASES = {
+    "read, safetensors library": """
+import sys, numpy as np
+from pathlib import Path
+from safetensors import safe_open
+held = {}
+for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+    with safe_open(str(f), framework="numpy") as s:
+        for k in s.keys():
+            held[k] = s.get_tensor(k)
+total = sum(float(np.add.reduce(a, axis=None)) for a in held.values())
+""",
+    "read, zoo (mapped)": """
+import sys, numpy as np
+from pathlib import Path
+from wizardcoder_plugin.weights.safetensors_files import lazy_tensors
+held = {}
+for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+    for k, t in lazy_tensors(f):
+        held[k] = t.mapped() if t.mapped is not None else t.read()
+total = sum(float(np.add.reduce(a, axis=None)) for a in held.values())
+""",
+    "write, safetensors library": """
+import sys
+from pathlib import Path
+from safetensors.numpy import save_file
+from wizardcoder_plugin.weights.safetensors_files import lazy_tensors, plan_shards
+items = [it for f in sorted(Path(sys.argv[1]).glob("*.safetensors")) for it in lazy_tensors(f)]
+for i, shard in enumerate(plan_shards(items, 2 * 2**30)):
+    save_file({k: t.read() for k, t in shard}, str(Path(sys.argv[2]) / f"shard-{i}.safetensors"))
+""",
+    "write, zoo (streaming)": """
+import sys
+from pathlib import Path
+from wizardcoder_plugin.weights.safetensors_files import lazy_tensors, write_sharded
+items = [it for f in sorted(Path(sys.argv[1]).glob("*.safetensors")) for it in lazy_tensors(f)]
+write_sharded(Path(sys.argv[2]), items, 2 * 2**30)
+""",
+}
+ANON_AT_EXIT = "\nimport re\nprint(re.search(r'RssAnon:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/zoo-startup"))
+    ap.add_argument("--repeats", type=int, default=2, help="the best of N per case, the cases interleaved")
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    folder, _ = make_checkpoint(args.work / "1b", "1b")
+    gb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30
+    out = args.work / "safetensors-io-out"
+    best: dict[str, tuple[float, float, float]] = {}
+    for _ in range(args.repeats):
+        for name, code in CASES.items():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            wall, rss, stdout = timed([sys.executable, "-c", code + ANON_AT_EXIT, str(folder), str(out)])
+            anon = int(stdout.split()[-1]) / 2**20  # RssAnon at exit, GiB: the private copies still held
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, rss, anon)
+            print(json.dumps({"case": name, "wall_s": wall, "peak_rss_gib": rss, "anon_gib": anon}), file=sys.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+    lines = [f"1B checkpoint, {gb:.2f} GiB fp32 in shards; best of {args.repeats}.", "",
+             "| case | wall | peak RSS | private memory at exit |", "|---|---|---|---|"]
+    lines += [f"| {name} | {w:.1f} s | {r:.2f} GiB ({r / gb:.2f}× the weights) | {a:.2f} GiB |"
+              for name, (w, r, a) in best.items()]
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_append:
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write(f"\n## Safetensors reading and writing at 1B ({stamp})\n\n- command: `python "
+                    f"benchmarks/safetensors_io.py {' '.join(sys.argv[1:])}`\n- machine: {machine()}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
