@@ -96,8 +96,9 @@ class PrefillCell(_CachedCell):
     """Runs right-padded prompts [B,S], writes every position's key and value into the caches' rows `slots` [B]
     (default: the first B; a cache may hold more rows, the others are left as they are), returns the logits at
     each row's last real token [B,V] (`out`). A block (`block`) is `norm`, `dense` and attention on the block's
-    weights given as tensors, so one compiled block can serve every layer (kernels.cells.LayeredPrefill); `norm`,
-    `dense` and `out` are the hooks a substitute (kernels.cells.NativePrefillCell) replaces."""
+    weights passed in, so MindSpore's front end compiles it once for every layer instead of once per layer object
+    (half of a 24-layer graph's compile); `norm`, `dense` and `out` are the hooks a substitute
+    (kernels.cells.NativePrefillCell) replaces."""
 
     def norm(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return self.model.transformer.ln_f.normalize(x, w, b)  # every LayerNorm has the config's epsilon
