@@ -98,7 +98,7 @@ def head_layout(model: GPTBigCodeForCausalLM, batch: int, candidates: list[str],
     """The LM head for `batch`-row decoding among `candidates` (native, tied, transposed: the same products):
     cached, else timed. A small head is timed on two compiled instances per candidate (one instance's speed can be
     off for its lifetime: buffer placement), a large one, whose calls stream the head from memory whatever the
-    buffers' placement, on one instance with two calls a round: a 1B model's probe took 2.2 s the other way."""
+    buffers' placement, on one instance with two calls a round (a 1B head's probe: RESULTS.md)."""
     import mindspore as ms
     import numpy as np
 

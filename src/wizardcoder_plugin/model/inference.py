@@ -97,7 +97,7 @@ class PrefillCell(_CachedCell):
     (default: the first B; a cache may hold more rows, the others are left as they are), returns the logits at
     each row's last real token [B,V] (`out`). A block (`block`) is `norm`, `dense` and attention on the block's
     weights passed in, so MindSpore's front end compiles it once for every layer instead of once per layer object
-    (half of a 24-layer graph's compile); `norm`, `dense` and `out` are the hooks a substitute
+    (benchmarks/RESULTS.md has the compile times); `norm`, `dense` and `out` are the hooks a substitute
     (kernels.cells.NativePrefillCell) replaces."""
 
     def norm(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
