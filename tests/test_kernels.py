@@ -532,3 +532,35 @@ def test_fastest_call_stops_at_its_budget_after_two_rounds():
     unbounded, unbounded_cell = counting(0.01)
     fastest_call({"x": unbounded_cell}, (), rounds=4, calls=4)
     assert fast[0] == unbounded[0] == 1 + 4 * 5
+
+
+@needs_kernels
+@pytest.mark.parametrize("large", [False, True])
+def test_head_probe_times_a_large_head_on_one_instance(large, tmp_path, monkeypatch):
+    """The LM head's layout probe: two compiled instances per candidate and four calls a round for a small head,
+    one instance and two calls for a head over LARGE_HEAD_BYTES; the winner is one of the candidates and is
+    remembered, so the next probe times nothing."""
+    from wizardcoder_plugin.kernels import choices
+    from wizardcoder_plugin.model.config import GPTBigCodeConfig
+    from wizardcoder_plugin.model.modeling import GPTBigCodeForCausalLM
+    from wizardcoder_plugin.model.runtime import init_mindspore
+
+    init_mindspore()
+    monkeypatch.setenv("ZOO_KERNEL_CACHE", str(tmp_path))
+    if large:
+        monkeypatch.setattr(choices, "LARGE_HEAD_BYTES", 0)
+    seen: list[tuple[list, int]] = []
+    real = choices.fastest_call
+
+    def recording(cells, args, **kw):
+        seen.append((sorted(cells), kw["calls"]))
+        return real(cells, args, **kw)
+
+    monkeypatch.setattr(choices, "fastest_call", recording)
+    net = GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=1024, n_embd=64, n_layer=1, n_head=4))
+    winner = choices.head_layout(net, 1, ["native", "tied"], native_kernels(), lambda: None)
+    instances = 1 if large else 2
+    assert seen == [(sorted((n, i) for n in ("native", "tied") for i in range(instances)), 2 if large else 4)]
+    assert winner in ("native", "tied")
+    assert choices.head_layout(net, 1, ["native", "tied"], native_kernels(), lambda: None) == winner
+    assert len(seen) == 1  # cached: not timed again
