@@ -13,11 +13,10 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine  # noqa: E402
+from common import append_results, machine  # noqa: E402
 from startup import make_checkpoint, timed  # noqa: E402
 
 CASES = {
@@ -88,12 +87,11 @@ def main() -> None:
     lines += [f"| {name} | {w:.1f} s | {r:.2f} GiB ({r / gb:.2f}× the weights) | {a:.2f} GiB |"
               for name, (w, r, a) in best.items()]
     table = "\n".join(lines)
-    print(table)
-    if not args.no_append:
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        with RESULTS.open("a", encoding="utf-8") as f:
-            f.write(f"\n## Safetensors reading and writing at 1B ({stamp})\n\n- command: `python "
-                    f"benchmarks/safetensors_io.py {' '.join(sys.argv[1:])}`\n- machine: {machine()}\n\n{table}\n")
+    if args.no_append:
+        print(table)
+    else:
+        append_results("Safetensors reading and writing at 1B",
+                       "python benchmarks/safetensors_io.py " + " ".join(sys.argv[1:]), machine(), table, [])
 
 
 if __name__ == "__main__":

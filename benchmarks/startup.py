@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine  # noqa: E402
+from common import append_results, machine  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -136,12 +136,11 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     table = render(rows)
-    print(table)
-    if not args.no_append:
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        with RESULTS.open("a", encoding="utf-8") as f:
-            f.write(f"\n## Start-up at real sizes ({stamp})\n\n- command: `python benchmarks/startup.py "
-                    f"{' '.join(sys.argv[1:])}`\n- machine: {machine()}\n\n{table}\n")
+    if args.no_append:
+        print(table)
+    else:
+        append_results("Start-up at real sizes", "python benchmarks/startup.py " + " ".join(sys.argv[1:]), machine(),
+                       table, [])
 
 
 def render(rows: list[dict]) -> str:

@@ -38,7 +38,9 @@ class KVCache(nn.Cell):
 
 
 class _CachedCell(nn.Cell):
-    """What prefill and decode share: the model, its caches, and the per-head layout of a key/value write."""
+    """What prefill and decode share: the model, its caches, the per-head layout of a key/value write, and the
+    block (`block`: LayerNorm, linear layers and MLP through the `norm` and `dense` hooks; each cell's own
+    `attention`)."""
 
     native = None  # the native kernels' build where kernels.cells substituted the hooks
     head_linear: Callable | None = None  # the LM head's matmul where a substitute brings its own
@@ -78,28 +80,6 @@ class _CachedCell(nn.Cell):
             positions = positions.reshape(b, 1, s).broadcast_to((b, self.kv_heads, s))
         return first + positions.reshape(b * self.kv_heads, s)
 
-    def write(self, keys: Tensor, values: Tensor, rows: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v [B,S,kv*d] at `rows` of a layer's flat caches [B*kv*T, d]; the updated caches."""
-        return (self.update(keys, rows, self.by_head(k).astype(keys.dtype)),
-                self.update(values, rows, self.by_head(v).astype(values.dtype)))
-
-
-def block_weights(block: GPTBigCodeBlock) -> tuple[Parameter, ...]:
-    """A block's parameters in `PrefillCell.block`'s order (the checkpoint's names, in the order they are used)."""
-    attn, mlp = block.attn, block.mlp
-    return (block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight,
-            attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
-            mlp.c_proj.bias)
-
-
-class PrefillCell(_CachedCell):
-    """Runs right-padded prompts [B,S], writes every position's key and value into the caches' rows `slots` [B]
-    (default: the first B; a cache may hold more rows, the others are left as they are), returns the logits at
-    each row's last real token [B,V] (`out`). A block (`block`) is `norm`, `dense` and attention on the block's
-    weights passed in, so MindSpore's front end compiles it once for every layer instead of once per layer object
-    (benchmarks/RESULTS.md has the compile times); `norm`, `dense` and `out` are the hooks a substitute
-    (kernels.cells.NativePrefillCell) replaces."""
-
     def norm(self, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return self.model.transformer.ln_f.normalize(x, w, b)  # every LayerNorm has the config's epsilon
 
@@ -109,6 +89,40 @@ class PrefillCell(_CachedCell):
         if act:
             return self.model.transformer.h[0].mlp.act(y)
         return y if residual is None else y + residual
+
+    def block(self, hidden: Tensor, rows: Tensor, context: Tensor, weights: tuple[Tensor, ...], keys: Tensor,
+              values: Tensor) -> Tensor:
+        """One block on `weights` (`block_weights`' order), its keys and values written at `rows` of `keys` and
+        `values` (the layer's flat caches); `context` is what the cell's `attention` masks with. A method of its
+        weights, so MindSpore's front end compiles it once for every layer instead of once per layer object
+        (benchmarks/RESULTS.md has the compile times)."""
+        ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b = weights
+        attn = self.model.transformer.h[0].attn  # its split and scale, the same in every block
+        q, k, v = attn.split_fused(self.dense(self.norm(hidden, ln1_w, ln1_b), qkv_w, qkv_b))
+        out = self.attention(q, k, v, rows, context, keys, values)
+        hidden = self.dense(out, o_w, o_b, residual=hidden)
+        inner = self.dense(self.norm(hidden, ln2_w, ln2_b), fc_w, fc_b, act=True)
+        return self.dense(inner, proj_w, proj_b, residual=hidden)
+
+    def write(self, keys: Tensor, values: Tensor, rows: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v [B,S,kv*d] at `rows` of a layer's flat caches [B*kv*T, d]; the updated caches."""
+        return (self.update(keys, rows, self.by_head(k).astype(keys.dtype)),
+                self.update(values, rows, self.by_head(v).astype(values.dtype)))
+
+
+def block_weights(block: GPTBigCodeBlock) -> tuple[Parameter, ...]:
+    """A block's parameters in `_CachedCell.block`'s order (the checkpoint's names, in the order they are used)."""
+    attn, mlp = block.attn, block.mlp
+    return (block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight,
+            attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight,
+            mlp.c_proj.bias)
+
+
+class PrefillCell(_CachedCell):
+    """Runs right-padded prompts [B,S], writes every position's key and value into the caches' rows `slots` [B]
+    (default: the first B; a cache may hold more rows, the others are left as they are), returns the logits at
+    each row's last real token [B,V] (`out`). `norm`, `dense` (the shared `block`'s) and `out` are the hooks a
+    substitute (kernels.cells.NativePrefillCell) replaces."""
 
     def out(self, hidden: Tensor) -> Tensor:
         """[B,E] at each row's last token -> what the graph returns: logits [B,V]."""
@@ -121,18 +135,11 @@ class PrefillCell(_CachedCell):
         mask = causal_mask(s).broadcast_to((b, s, s))
         return self.model.transformer.embed(input_ids, positions), self.cache_rows(positions, slots), mask
 
-    def block(self, hidden: Tensor, rows: Tensor, mask: Tensor, weights: tuple[Tensor, ...], keys: Tensor,
-              values: Tensor) -> Tensor:
-        """One block on `weights` (`block_weights`' order), writing its keys and values at `rows` of `keys` and
-        `values` (the layer's flat caches) -> hidden [B,S,E]."""
-        ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b = weights
-        attn = self.model.transformer.h[0].attn  # its split and scale, the same in every block
-        q, k, v = attn.split_fused(self.dense(self.norm(hidden, ln1_w, ln1_b), qkv_w, qkv_b))
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, mask: Tensor, keys: Tensor,
+                  values: Tensor) -> Tensor:
+        """The prompt's keys and values written at `rows`; its attention over them under the causal `mask`."""
         written = self.write(keys, values, rows, k, v)
-        out = ops.depend(attend(q, k, v, mask, attn.n_head, attn.multi_query), written)
-        hidden = self.dense(out, o_w, o_b, residual=hidden)
-        inner = self.dense(self.norm(hidden, ln2_w, ln2_b), fc_w, fc_b, act=True)
-        return self.dense(inner, proj_w, proj_b, residual=hidden)
+        return ops.depend(attend(q, k, v, mask, self.n_head, self.model.config.multi_query), written)
 
     def finish(self, hidden: Tensor, lengths: Tensor) -> Tensor:
         """What the graph returns (`out`) for each row's last real token."""
@@ -194,18 +201,11 @@ class DecodeCell(_CachedCell):
             hidden = self.block(hidden, rows, bias, block_weights(block), self.keys[i], self.values[i])
         return hidden.reshape(b, -1)
 
-    def block(self, hidden: Tensor, rows: Tensor, bias: Tensor, weights: tuple[Tensor, ...], keys: Tensor,
-              values: Tensor) -> Tensor:
-        """One block's step on `weights` (`block_weights`' order), its key and value written at `rows` of the
-        layer's caches -> hidden [B,1,E]. A function of its weights, like `PrefillCell.block`: MindSpore compiles
-        it once for every layer instead of once per layer."""
-        ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, fc_w, fc_b, proj_w, proj_b = weights
-        tr = self.model.transformer
-        q, k, v = tr.h[0].attn.split_fused(linear(tr.ln_f.normalize(hidden, ln1_w, ln1_b), qkv_w, qkv_b))
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, bias: Tensor, keys: Tensor,
+                  values: Tensor) -> Tensor:
+        """The step's key and value written at `rows`; its attention over the updated caches."""
         keys, values = self.write(keys, values, rows, k, v)
-        hidden = hidden + linear(self.attend(q, keys, values, bias), o_w, o_b)
-        inner = tr.h[0].mlp.act(linear(tr.ln_f.normalize(hidden, ln2_w, ln2_b), fc_w, fc_b))
-        return hidden + linear(inner, proj_w, proj_b)
+        return self.attend(q, keys, values, bias)
 
     def pick(self, hidden: Tensor) -> Tensor:
         """[B,E] -> logits [B,V], or greedy ids [B]."""
