@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import make_hf_checkpoint, zoo
@@ -15,7 +16,7 @@ from conftest import make_hf_checkpoint, zoo
 from registry_spec.errors import InputError
 from wizardcoder_plugin.model.config import load_config
 from wizardcoder_plugin.weights import ckpt_files, collect, convert
-from wizardcoder_plugin.weights.tensors import LazyTensor, bf16_to_f32, f32_to_bf16
+from wizardcoder_plugin.weights.tensors import LazyTensor
 
 
 def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
@@ -44,21 +45,21 @@ def test_ckpt_written_by_mindspore_with_slices_and_crc_is_read(tmp_path, monkeyp
         for name, arr in arrays.items():
             assert got[name].shape == arr.shape and np.array_equal(got[name].read(), arr), name
         assert got["d.bf16"].dtype == "BF16"
-        assert np.array_equal(got["d.bf16"].read(), f32_to_bf16(bf16.astype(ms.float32).asnumpy()))
+        assert np.array_equal(got["d.bf16"].read().view(np.uint16), bf16.asnumpy().view(np.uint16))
 
 
 def test_ckpt_written_here_is_read_by_mindspore(tmp_path):
     import mindspore as ms
 
     arrays = _arrays(1)
-    bits = f32_to_bf16(arrays["a.weight"])
+    bits = arrays["a.weight"].astype(ml_dtypes.bfloat16)
     items = [("a.weight", _lazy(arrays["a.weight"], "F32")), ("b.bias", _lazy(arrays["b.bias"], "F16")),
              ("c.scalar", _lazy(arrays["c.scalar"], "I64")), ("d.bf16", _lazy(bits, "BF16"))]
     ckpt_files.write_file(tmp_path / "x.ckpt", items, slice_bytes=256)  # several values per tensor
     loaded = ms.load_checkpoint(str(tmp_path / "x.ckpt"))
     for name, arr in arrays.items():
         assert np.array_equal(loaded[name].asnumpy(), arr), name
-    assert np.array_equal(loaded["d.bf16"].astype(ms.float32).asnumpy(), bf16_to_f32(bits))
+    assert np.array_equal(loaded["d.bf16"].asnumpy().view(np.uint16), bits.view(np.uint16))
     assert {n: t.read().tobytes() for n, t in ckpt_files.lazy_tensors(tmp_path / "x.ckpt")} == \
         {n: t.read().tobytes() for n, t in items}
 
@@ -147,13 +148,16 @@ def test_params_saved_as_safetensors_and_legacy_ckpt_load_back(tmp_path):
 
     rng = np.random.default_rng(3)
     params = [Parameter(ms.Tensor(rng.standard_normal((4, 6)).astype(np.float32)), name="a.w"),
-              Parameter(ms.Tensor(rng.standard_normal(5).astype(np.float16)), name="b.b")]
+              Parameter(ms.Tensor(rng.standard_normal(5).astype(np.float16)), name="b.b"),
+              Parameter(ms.Tensor(rng.standard_normal(3).astype(np.float32)).astype(ms.bfloat16), name="c.bf")]
     save_params(params, tmp_path / "model.safetensors")
     ms.save_checkpoint(params, str(tmp_path / "model.ckpt"))
-    assert set(ms.load_checkpoint(str(tmp_path / "model.safetensors"), format="safetensors")) == {"a.w", "b.b"}
+    assert set(ms.load_checkpoint(str(tmp_path / "model.safetensors"), format="safetensors")) == \
+        {"a.w", "b.b", "c.bf"}
     for name in ("model.safetensors", "model.ckpt"):
         fresh = [Parameter(ms.Tensor(np.zeros((4, 6), np.float32)), name="a.w"),
-                 Parameter(ms.Tensor(np.zeros(5, np.float16)), name="b.b")]
+                 Parameter(ms.Tensor(np.zeros(5, np.float16)), name="b.b"),
+                 Parameter(ms.Tensor(np.zeros(3, np.float32)).astype(ms.bfloat16), name="c.bf")]
         load_params(fresh, tmp_path / name)
         assert all(f.asnumpy().tobytes() == p.asnumpy().tobytes() for f, p in zip(fresh, params, strict=True))
     assert _checkpoint_file(tmp_path, "model").name == "model.safetensors"
@@ -161,3 +165,29 @@ def test_params_saved_as_safetensors_and_legacy_ckpt_load_back(tmp_path):
     assert _checkpoint_file(tmp_path, "model").name == "model.ckpt"
     with pytest.raises(InputError, match="needs"):
         load_params([Parameter(ms.Tensor(np.zeros((3, 6), np.float32)), name="a.w")], tmp_path / "model.ckpt")
+
+
+def test_bf16_checkpoint_loads_into_each_precision_as_torch_converts_it(tmp_path):
+    """A bf16 file (written by the safetensors library from torch) set into bf16 parameters (mapped, the same
+    bits), fp16 and fp32 ones: each equal to torch's own conversion of the same tensor."""
+    import mindspore as ms
+    import torch
+    from mindspore import Parameter
+    from safetensors.torch import save_file
+
+    from wizardcoder_plugin.weights.loading import param_tensor, set_param
+    from wizardcoder_plugin.weights.safetensors_files import lazy_tensors
+
+    ref = (torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * 1e3).to(torch.bfloat16)
+    save_file({"w": ref}, tmp_path / "bf16.safetensors")
+    (_, t), = lazy_tensors(tmp_path / "bf16.safetensors")
+    assert t.dtype == "BF16" and t.mapped is not None
+    for ms_dtype, torch_dtype in ((ms.bfloat16, torch.bfloat16), (ms.float16, torch.float16),
+                                  (ms.float32, torch.float32)):
+        param = Parameter(ms.Tensor(np.zeros((64, 48), np.float32)).astype(ms_dtype), name="w")
+        set_param(param, t)
+        want = ref.to(torch_dtype)
+        bits = torch.int16 if torch_dtype != torch.float32 else torch.int32
+        assert param.dtype == ms_dtype
+        assert np.array_equal(param_tensor(param).read().view(want.view(bits).numpy().dtype),
+                              want.view(bits).numpy()), ms_dtype

@@ -64,8 +64,9 @@ def find_weights(model: str, weights: Path | None, allow_random: bool = False) -
 
 
 def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, precision: str = "fp32",
-                seed: int = 0, allow_random: bool = False) -> GPTBigCodeForCausalLM:
-    """A GPTBigCodeForCausalLM with its weights loaded (or seeded random init for the tiny model)."""
+                seed: int = 0, allow_random: bool = False, map_files: bool = True) -> GPTBigCodeForCausalLM:
+    """A GPTBigCodeForCausalLM with its weights loaded (or seeded random init for the tiny model); `map_files`:
+    parameters over the file's pages (inference) rather than copies (training writes every one)."""
     if precision == "fp32":  # the native kernels' compiler runs while MindSpore starts (once per machine)
         from ..kernels import prebuild
 
@@ -90,7 +91,7 @@ def build_model(model: str, config: GPTBigCodeConfig, weights: Path | None, prec
         loaders = collect(source, config)  # names and shapes checked before anything big is allocated
         with no_init_parameters():  # no random init the checkpoint would overwrite (30 s at 1B parameters)
             net = GPTBigCodeForCausalLM(config, precision)
-        load_into(net, loaders)
+        load_into(net, loaders, map_files)
     net.set_train(False)
     return net
 

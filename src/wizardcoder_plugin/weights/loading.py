@@ -15,7 +15,7 @@ from registry_spec.errors import InputError
 from ..model.config import GPTBigCodeConfig
 from . import safetensors_files
 from .sources import TIED, open_source, raw_tensors
-from .tensors import LazyTensor, as_dtype, f32_to_bf16
+from .tensors import NP_OF, LazyTensor, as_dtype
 
 if TYPE_CHECKING:
     from mindspore import Parameter
@@ -74,9 +74,7 @@ def set_param(param: Parameter, t: LazyTensor, map_files: bool = True) -> None:
     import mindspore as ms
 
     target = _ms_dtype_name(param)
-    if target == "BF16":  # numpy has no bf16: MindSpore casts a float32 copy
-        data = ms.from_numpy(np.ascontiguousarray(as_dtype(t.read(), t.dtype, "F32"))).astype(ms.bfloat16)
-    elif t.dtype == target and t.mapped is not None and map_files:
+    if t.dtype == target and t.mapped is not None and map_files:
         data = ms.from_numpy(t.mapped())  # the page cache's bytes: no copy, nothing allocated until written
     else:
         data = ms.from_numpy(np.ascontiguousarray(as_dtype(t.read(), t.dtype, target)))
@@ -93,15 +91,12 @@ def load_into(model: Cell, tensors: dict[str, LazyTensor], map_files: bool = Tru
 
 
 def param_tensor(param: Parameter) -> LazyTensor:
-    """A parameter as a LazyTensor of its own dtype (bf16 as exact bit patterns)."""
-    import mindspore as ms
-
+    """A parameter as a LazyTensor of its own dtype."""
     dtype = _ms_dtype_name(param)
 
     def read() -> np.ndarray:
-        if dtype == "BF16":
-            return f32_to_bf16(param.astype(ms.float32).asnumpy())
-        return param.asnumpy()
+        # MindSpore hands bf16 out as its own numpy bfloat16 type: the same bits as the weights' package's one
+        return param.asnumpy().view(NP_OF[dtype])
 
     return LazyTensor(tuple(param.shape), dtype, read)
 

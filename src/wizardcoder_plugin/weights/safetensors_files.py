@@ -4,7 +4,7 @@ peak memory does not grow with the model.
 
 Not the `safetensors` library: its readers hand out a copy of each tensor (no view of the file's pages, which
 `weights.loading` maps into parameters without a copy) and its writers take every tensor at once (no bounded-
-memory conversion); numpy has no bf16 either. The tests read this module's files with the library."""
+memory conversion). The tests read this module's files with the library."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import numpy as np
 from registry_spec.errors import InputError, WeightsUnavailableError
 
 from . import ckpt_files, safetensors_files
-from .tensors import LazyTensor
+from .tensors import NP_OF, LazyTensor
 
 HF_FILES = ("model.safetensors", safetensors_files.INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
 TIED = "lm_head.weight"
@@ -62,7 +62,7 @@ def _torch_bin(path: Path) -> Iterator[tuple[str, LazyTensor]]:
     for name, t in state.items():
         def read(t: torch.Tensor = t) -> np.ndarray:
             if t.dtype == torch.bfloat16:
-                return t.view(torch.int16).numpy().view(np.uint16).copy()
+                return t.view(torch.int16).numpy().view(NP_OF["BF16"]).copy()
             return (t.numpy() if t.dtype in names else t.float().numpy()).copy()
         yield name, LazyTensor(tuple(t.shape), names.get(t.dtype, "F32"), read)
 

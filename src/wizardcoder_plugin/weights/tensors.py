@@ -3,7 +3,7 @@
 `read` copies the bytes with `preadv` into a fresh array (conversion: the resident set stays at one tensor, where
 a mapping would keep every page it touched); `mapped`, where the bytes lie aligned in one range, maps them
 copy-on-write (loading: the parameter reads the page cache itself, no copy, as `safetensors` does for PyTorch).
-bf16 travels as uint16 bit patterns (numpy has no bf16).
+bf16 arrays are `ml_dtypes.bfloat16` (numpy has no bf16; MindSpore and the `safetensors` library take them).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
-NP_OF = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64,
+NP_OF = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64, "I64": np.int64,
          "I32": np.int32, "I16": np.int16, "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_}
 FLOATS = ("F32", "F16", "BF16")
 _IO_CHUNK = 1 << 30  # Linux reads at most ~2 GiB per call
@@ -76,24 +77,7 @@ def file_view(path: Path, offset: int, shape: tuple[int, ...], dtype: str) -> Ca
     return mapped
 
 
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Round to nearest even, as torch does."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = u + 0x7FFF + ((u >> 16) & 1)
-    return (rounded >> 16).astype(np.uint16)
-
-
 def as_dtype(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """A float array in `dst` (F32 / F16 / BF16 bits), copied only when the dtype changes."""
-    if dst == src:
-        return arr
-    f32 = bf16_to_f32(arr) if src == "BF16" else np.asarray(arr, dtype=np.float32)
-    if dst == "F32":
-        return f32
-    if dst == "F16":
-        return f32.astype(np.float16)
-    return f32_to_bf16(f32)
+    """A float array in `dst` (F32 / F16 / BF16), copied only when the dtype changes; to bf16 rounds to nearest
+    even, as torch does."""
+    return arr if dst == src else arr.astype(NP_OF[dst])
