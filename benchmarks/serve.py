@@ -1,7 +1,8 @@
 """`zoo serve` under load: aggregate throughput and p50/p95 latency at 1, 8 and 32 concurrent streaming clients
 (the official openai client against a real server process), and the warm server's time to first token against a
 bare prefill of the same prompt on the same engine, in-process, split into what the scheduler adds (in-process,
-no HTTP), what HTTP adds (a bare httpx client) and what the openai client adds. Results are appended to RESULTS.md.
+no HTTP), what HTTP adds (a bare httpx client) and what the openai client adds, with the HTTP floor both clients
+meet on the same stack without a model. Results are appended to RESULTS.md.
 
     python benchmarks/serve.py [--shapes tiny,tiny_starcoder] [--clients 1,8,32] [--max-tokens 32]
 """
@@ -72,13 +73,57 @@ def in_process_ms(extra: list[str], slots: int) -> tuple[float, float]:
     return statistics.median(bare[1:]), statistics.median(first[1:])
 
 
-def start_server(extra: list[str], slots: int) -> tuple[subprocess.Popen, str]:
+# The HTTP floor: the same stack (FastAPI, sse-starlette, uvicorn) answering a streamed completion with its first
+# chunk at once, no model behind it. What a client measures against it is what no engine can take away.
+FLOOR_APP = """
+import json, sys, time, uvicorn
+from fastapi import FastAPI
+from sse_starlette.sse import EventSourceResponse
+app = FastAPI()
+@app.get("/health")
+def health():
+    return {"status": "ok"}
+@app.post("/v1/completions")
+async def completions(body: dict):
+    def chunk(text, usage=None):
+        return {"id": "cmpl-0", "object": "text_completion", "created": int(time.time()), "model": body["model"],
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": None}], "usage": usage}
+    async def events():
+        yield json.dumps(chunk("x"))
+        yield json.dumps(chunk("", {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}))
+        yield "[DONE]"
+    return EventSourceResponse(events(), ping=15)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "registry_spec.cli", "serve", "wizardcoder-tiny", *extra,
-                             "--port", str(port), "--max-batch-size", str(slots), "--seq-length", str(SEQ_LENGTH),
-                             "--log-level", "warning"], stderr=subprocess.DEVNULL)
+        return s.getsockname()[1]
+
+
+def start_server(extra: list[str], slots: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    return wait_healthy(subprocess.Popen(
+        [sys.executable, "-m", "registry_spec.cli", "serve", "wizardcoder-tiny", *extra, "--port", str(port),
+         "--max-batch-size", str(slots), "--seq-length", str(SEQ_LENGTH), "--log-level", "warning"],
+        stderr=subprocess.DEVNULL), port)
+
+
+def floor_ms(max_tokens: int) -> tuple[float, float]:
+    """Median TTFT of the openai client and of bare httpx against FLOOR_APP."""
+    port = free_port()
+    proc, url = wait_healthy(subprocess.Popen([sys.executable, "-c", FLOOR_APP, str(port)]), port)
+    try:
+        load(url, 1, 8, max_tokens)  # untimed: connections and imports warm
+        return load(url, 1, 20, max_tokens)["ttft_ms"], raw_ttft_ms(url, max_tokens)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int) -> tuple[subprocess.Popen, str]:
     import httpx2
 
     url = f"http://127.0.0.1:{port}"
@@ -158,7 +203,9 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     lines = ["| shape | clients | requests | tokens/s | × 1 client | p50 latency s | p95 latency s | TTFT ms |",
              "|---|---|---|---|---|---|---|---|"]
-    notes = []
+    floor_openai, floor_httpx = floor_ms(args.max_tokens)
+    notes = [f"- HTTP floor (the same FastAPI/sse-starlette/uvicorn stack streaming a first chunk at once, no "
+             f"model): TTFT {floor_openai:.1f} ms (openai client), {floor_httpx:.1f} ms (bare httpx)"]
     for shape in args.shapes.split(","):
         extra = SHAPES[shape]
         prefill, scheduled = in_process_ms(extra, args.slots)
@@ -179,7 +226,10 @@ def main() -> None:
                                  f"{raw:.1f} ms (bare httpx) against a bare batch-1 prefill of {prefill:.1f} ms "
                                  f"in-process ({r['ttft_ms'] / prefill:.2f}×, {raw / prefill:.2f}×); the "
                                  f"scheduler's first token in-process, without HTTP: {scheduled:.1f} ms "
-                                 f"({scheduled / prefill:.2f}×)")
+                                 f"({scheduled / prefill:.2f}×); above the HTTP floor: "
+                                 f"{r['ttft_ms'] - floor_openai:.1f} ms / {raw - floor_httpx:.1f} ms "
+                                 f"({(r['ttft_ms'] - floor_openai) / prefill:.2f}×, "
+                                 f"{(raw - floor_httpx) / prefill:.2f}× the prefill)")
                 print(lines[-1], flush=True)
         finally:
             proc.terminate()
