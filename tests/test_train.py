@@ -193,6 +193,28 @@ def test_resume_equals_uninterrupted_and_survives_a_killed_save(tmp_path, hf_tin
         train(TrainSettings(output_dir=tmp_path / "part", resume=True, **(common | {"batch_size": 1})), hf_tiny)
 
 
+def test_resumed_pretraining_starts_from_its_checkpoint_not_a_random_init(tmp_path, hf_tiny, capsys):
+    """A from-scratch run resumed: the model is built from the checkpoint (no random init only to be overwritten,
+    30 s at 1B) and the run ends where an uninterrupted one does."""
+    data = mindrecord(tmp_path / "d.mindrecord", make_rows(8, 17, seed=5))
+    common = dict(data=data, mode="pretrain", max_steps=4, batch_size=2, learning_rate=1e-3, save_steps=2, seed=3)
+    full = train(TrainSettings(output_dir=tmp_path / "full", **common), hf_tiny)
+    assert "random init" in capsys.readouterr().err
+
+    def interrupt(row):
+        if row["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainSettings(output_dir=tmp_path / "part", **common), hf_tiny, [interrupt])
+    capsys.readouterr()
+    resumed = train(TrainSettings(output_dir=tmp_path / "part", resume=True, **common), hf_tiny)
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "random init" not in err, err
+    a, b = ms_weights(full.checkpoint), ms_weights(resumed.checkpoint)
+    assert a.keys() == b.keys() and all(np.abs(a[k] - b[k]).max() < 1e-6 for k in a)
+
+
 def test_recompute_gives_the_same_steps(tmp_path, hf_tiny):
     from registry_spec.specs import ParallelSpec
 

@@ -115,12 +115,6 @@ def _checkpoint_file(folder: Path, stem: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
-def _recorded_numerics(output_dir: Path) -> dict:
-    """The numerics record of the newest checkpoint in `output_dir` ({} if none): what a resume reuses."""
-    found = checkpoints(output_dir) if output_dir.is_dir() else []
-    return json.loads((found[-1] / "state.json").read_text()).get("numerics", {}) if found else {}
-
-
 class Trainer:
     def __init__(self, settings: TrainSettings, config: GPTBigCodeConfig, model_name: str, pad_token_id: int,
                  progress: bool = True) -> None:
@@ -143,10 +137,15 @@ class Trainer:
                "a smaller --batch-size with a larger --grad-accum (same rows per step)", "a shorter --seq-length",
                "data parallel over more ranks (msrun) does not split the model; LoRA and model parallel: not "
                "available yet"])
-        self.model = build_model(model_name, config, settings.weights, settings.precision, seed=settings.seed,
-                                 allow_random=settings.mode == "pretrain")
+        found = checkpoints(settings.output_dir)[-1:] if settings.resume else []
+        self.resume_from = found[0] if found else None
+        self.resume_state = json.loads((found[0] / "state.json").read_text()) if found else {}
+        # a resumed run's weights are its checkpoint's: no random init or base weights only to be overwritten
+        weights = _checkpoint_file(self.resume_from, "model") if self.resume_from else settings.weights
+        self.model = build_model(model_name, config, weights, settings.precision, seed=settings.seed,
+                                 allow_random=settings.mode == "pretrain", map_files=False)
         self.model.set_train(True)
-        recorded = _recorded_numerics(settings.output_dir) if settings.resume else {}
+        recorded = self.resume_state.get("numerics", {})  # what the checkpoint's run chose: a resume reuses it
         from ..kernels.choices import rank0_choices
         from ..kernels.training import TrainingKernels
 
@@ -202,7 +201,8 @@ class Trainer:
         return out
 
     def restore(self, ckpt: Path) -> None:
-        state = json.loads((ckpt / "state.json").read_text())
+        """`ckpt`'s optimizer state and position, after checking that the run's layout matches it."""
+        state = self.resume_state
         for key, mine in (("rows", self.reader.rows), ("width", self.reader.width), ("world", self.world)):
             if state[key] != mine:
                 raise InputError(f"cannot resume from {ckpt}: it was trained with {key}={state[key]}, this run has "
@@ -212,7 +212,7 @@ class Trainer:
             if saved[key] != getattr(self.s, key):
                 raise InputError(f"cannot resume from {ckpt}: {key} was {saved[key]}, now {getattr(self.s, key)}",
                                  f"pass --{key.replace('_', '-')} {saved[key]}")
-        load_params(list(self.params), _checkpoint_file(ckpt, "model"))
+        # the model's parameters came from this checkpoint when it was built
         load_params(self.optimizer_params(), _checkpoint_file(ckpt, "optimizer"))
         self.step, self.adam_step = state["step"], state["adam_step"]
         self.micro_position = state["micro_position"]
@@ -230,11 +230,10 @@ class Trainer:
         for stale in s.output_dir.glob(f".{CKPT_PREFIX}*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)  # a save killed half-way
         if s.resume:
-            found = checkpoints(s.output_dir)
-            if found:
-                self.restore(found[-1])
+            if self.resume_from:
+                self.restore(self.resume_from)
                 if self.rank == 0:
-                    print(f"resuming from {found[-1]} (step {self.step})", file=sys.stderr)
+                    print(f"resuming from {self.resume_from} (step {self.step})", file=sys.stderr)
             elif self.rank == 0:
                 print(f"--resume: no checkpoint in {s.output_dir}; starting from step 0", file=sys.stderr)
         metrics_file = s.output_dir / "metrics.jsonl"
