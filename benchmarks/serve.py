@@ -2,7 +2,8 @@
 (the official openai client against a real server process), and the warm server's time to first token against a
 bare prefill of the same prompt on the same engine, in-process, split into what the scheduler adds (in-process,
 no HTTP), what HTTP adds (a bare httpx client) and what the openai client adds, with the HTTP floor both clients
-meet on the same stack without a model. Results are appended to RESULTS.md.
+meet on the same stack without a model, and the TTFT the server itself measures (its /metrics: from the parsed
+request to its first token chosen). Results are appended to RESULTS.md.
 
     python benchmarks/serve.py [--shapes tiny,tiny_starcoder] [--clients 1,8,32] [--max-tokens 32]
 """
@@ -193,6 +194,17 @@ def raw_ttft_ms(url: str, max_tokens: int, requests: int = 20) -> float:
     return statistics.median(times)
 
 
+def server_ttft(url: str) -> tuple[float, float]:
+    """The server's own TTFT histogram so far (its /metrics): (sum in seconds, count)."""
+    import httpx2
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name = "zoo_time_to_first_token_seconds"
+    values = {s.name: s.value for family in text_string_to_metric_families(httpx2.get(url + "/metrics").text)
+              for s in family.samples if s.name in (name + "_sum", name + "_count")}
+    return values[name + "_sum"], values[name + "_count"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="tiny,tiny_starcoder")
@@ -221,7 +233,9 @@ def main() -> None:
                              f"{r['tokens_per_s'] / base:.2f}× | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
                              f"{r['ttft_ms']:.1f} |")
                 if c == 1:
-                    raw = raw_ttft_ms(url, args.max_tokens)
+                    (sum0, n0), raw = server_ttft(url), raw_ttft_ms(url, args.max_tokens)
+                    sum1, n1 = server_ttft(url)
+                    inside = (sum1 - sum0) / (n1 - n0) * 1e3
                     notes.append(f"- {shape}: warm TTFT at 1 client {r['ttft_ms']:.1f} ms (openai client), "
                                  f"{raw:.1f} ms (bare httpx) against a bare batch-1 prefill of {prefill:.1f} ms "
                                  f"in-process ({r['ttft_ms'] / prefill:.2f}×, {raw / prefill:.2f}×); the "
@@ -229,7 +243,9 @@ def main() -> None:
                                  f"({scheduled / prefill:.2f}×); above the HTTP floor: "
                                  f"{r['ttft_ms'] - floor_openai:.1f} ms / {raw - floor_httpx:.1f} ms "
                                  f"({(r['ttft_ms'] - floor_openai) / prefill:.2f}×, "
-                                 f"{(raw - floor_httpx) / prefill:.2f}× the prefill)")
+                                 f"{(raw - floor_httpx) / prefill:.2f}× the prefill); measured inside the server "
+                                 f"(its /metrics, mean over the httpx requests): {inside:.1f} ms "
+                                 f"({inside / prefill:.2f}×)")
                 print(lines[-1], flush=True)
         finally:
             proc.terminate()

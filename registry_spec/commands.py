@@ -80,8 +80,8 @@ def serve(h: ModelHandle, spec: ServeSpec) -> BaseModel:
         from .serving.server import serve as run_server
     except ImportError as exc:
         raise BackendUnavailableError("serve", f"the HTTP stack is not installed (no module {exc.name!r})",
-                                      "pip install fastapi uvicorn sse-starlette (the project's `serve` extra)"
-                                      ) from None
+                                      "pip install fastapi uvicorn sse-starlette prometheus-client (the project's "
+                                      "`serve` extra)") from None
     return run_server(h, spec)
 
 

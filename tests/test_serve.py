@@ -101,6 +101,43 @@ def test_greedy_completions_equal_predict_and_hf(server, hf_dir, hf_model):
     assert len(lp.token_logprobs) == 4 and all(v < 0 for v in lp.token_logprobs)
 
 
+def scrape(server) -> dict[tuple, float]:
+    """/metrics (open without the API key, as /health is) as {(sample name, finish reason or None): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(server.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = [s for family in text_string_to_metric_families(r.text) for s in family.samples]
+    assert {s.labels["model_name"] for s in samples} == {"wizardcoder-tiny"}
+    return {(s.name, s.labels.get("finished_reason")): s.value for s in samples if "le" not in s.labels}
+
+
+def test_metrics_count_each_request_and_time_it_inside_the_server(server):
+    before = scrape(server)
+    t0 = time.perf_counter()
+    out = server.client().completions.create(model="wizardcoder-tiny", prompt=PROMPTS[2:4], max_tokens=6,
+                                             temperature=0)
+    wall = time.perf_counter() - t0
+    after = scrape(server)
+
+    def delta(name: str, reason: str | None = None) -> float:
+        return after[name, reason] - before.get((name, reason), 0.0)
+
+    assert delta("zoo_prompt_tokens_total") == out.usage.prompt_tokens
+    assert delta("zoo_generation_tokens_total") == out.usage.completion_tokens
+    for name in ("time_to_first_token", "request_queue_time", "e2e_request_latency"):
+        assert delta(f"zoo_{name}_seconds_count") == 2
+        assert 0 < delta(f"zoo_{name}_seconds_sum") < 2 * wall
+    assert delta("zoo_time_to_first_token_seconds_sum") < delta("zoo_e2e_request_latency_seconds_sum")
+    # each request's first token is its TTFT; the others are spaced by the time per output token
+    assert delta("zoo_time_per_output_token_seconds_count") == out.usage.completion_tokens - 2
+    reasons = {"length": 0, "eos": 0}
+    for c in out.choices:
+        reasons["length" if c.finish_reason == "length" else "eos"] += 1
+    assert all(delta("zoo_request_finished_total", r) == n for r, n in reasons.items())
+    assert after["zoo_num_requests_running", None] == after["zoo_num_requests_waiting", None] == 0
+
+
 def test_chat_streaming_stop_and_fill_in_the_middle(server, hf_dir):
     client = server.client()
     chat = client.chat.completions.create(model="wizardcoder-tiny", max_tokens=10, temperature=0,
@@ -186,7 +223,7 @@ def test_sixteen_concurrent_streams_each_equal_their_sequential_result(server):
 def test_a_disconnected_stream_frees_its_row(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": "wizardcoder-tiny", "prompt": "def", "max_tokens": 250, "temperature": 0, "stream": True}
-    before = httpx.get(server.url + "/health").json()
+    before, counted = httpx.get(server.url + "/health").json(), scrape(server)
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
         next(r.iter_lines())
     deadline = time.time() + 5
@@ -195,6 +232,8 @@ def test_a_disconnected_stream_frees_its_row(server):
     after = httpx.get(server.url + "/health").json()
     assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
     assert after["completed"] == before["completed"]
+    key = ("zoo_request_finished_total", "cancelled")
+    assert scrape(server)[key] == counted.get(key, 0) + 1
 
 
 def test_a_client_gone_before_a_plain_completion_ends_frees_its_row(server):

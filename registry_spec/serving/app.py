@@ -1,11 +1,13 @@
 """The routes: `/v1/models`, `/v1/completions` (with `suffix` for fill-in-the-middle), `/v1/chat/completions`,
-`/health`. Every error is answered in OpenAI's schema; nothing a client sends reaches the engine unchecked."""
+`/health`, `/metrics`. Every error is answered in OpenAI's schema; nothing a client sends reaches the engine
+unchecked."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -22,6 +24,7 @@ from ..components import Tokenizer
 from ..errors import ZooError
 from ..generation import GenerationConfig, Row
 from ..predict import TextTracker
+from .metrics import CONTENT_TYPE, RequestTimer, ServeMetrics
 from .protocol import (
     APIError,
     ChatRequest,
@@ -46,6 +49,7 @@ class ServeState:
     max_len: int
     format_chat: Callable[[list[dict[str, str]]], str]
     format_infill: Callable[[str, str], str]
+    metrics: ServeMetrics | None = None
     api_key: str | None = None
     draining: bool = False
     created: int = 0
@@ -90,6 +94,12 @@ def create_app(state: ServeState) -> FastAPI:
         status = 503 if state.draining else 200
         return JSONResponse({"status": "draining" if state.draining else "ok", "model": state.model,
                              **state.scheduler.load()}, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.metrics is None:
+            raise HTTPException(404, "this server keeps no metrics")
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -175,6 +185,7 @@ class Submission:
 def _submit(state: ServeState, texts: list[str], body: CompletionRequest | ChatRequest, max_tokens: int | None,
             logprobs: bool) -> Submission:
     """One job per prompt, queued for the scheduler (all or none)."""
+    arrival = time.perf_counter()
     if state.draining:
         raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
     encoded = [state.tokenizer.encode(t) for t in texts]
@@ -193,7 +204,8 @@ def _submit(state: ServeState, texts: list[str], body: CompletionRequest | ChatR
         tracker = TextTracker(state.tokenizer, cfg.stop)
         row = Row(ids, cfg, np.random.default_rng(body.seed), logprobs=[] if logprobs else None,
                   should_stop=tracker.stopped if cfg.stop else None)
-        sub.jobs.append(Job(row, tracker, async_deliverer(loop, queue, i), index=i))
+        timer = RequestTimer(state.metrics, arrival) if state.metrics else None
+        sub.jobs.append(Job(row, tracker, async_deliverer(loop, queue, i), index=i, timer=timer))
     submitted: list[Job] = []
     try:
         for job in sub.jobs:

@@ -7,15 +7,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..generation import Batch, Engine, GenerationConfig, Row
 from ..predict import TextTracker
+
+if TYPE_CHECKING:
+    from .metrics import RequestTimer
 
 log = logging.getLogger("zoo.serve")
 
@@ -37,9 +41,17 @@ class Job:
     tracker: TextTracker
     deliver: Callable[[tuple], None]
     index: int = 0  # the choice it answers
+    timer: RequestTimer | None = None  # the server's metrics of it
 
     def on_token(self, _tok: int) -> None:
+        now = time.perf_counter()
         self.deliver(("text", self.tracker.delta(self.row.generated)))
+        if self.timer:
+            self.timer.token(now)
+
+    def ended(self, reason: str) -> None:
+        if self.timer:
+            self.timer.ended(reason, len(self.row.generated))
 
 
 def async_deliverer(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> Callable[[tuple], None]:
@@ -94,6 +106,7 @@ class Scheduler:
         with self.cond:
             if job in self.waiting:
                 self.waiting.remove(job)
+                job.ended("cancelled")
             self.cond.notify()
 
     def stop(self, timeout: float) -> None:
@@ -117,6 +130,7 @@ class Scheduler:
                 if self.stopping and not self.batch.rows:
                     for job in self.waiting:
                         job.deliver(("error", "the server shut down before the request ran"))
+                        job.ended("cancelled")
                     self.waiting.clear()
                     return
                 admit = [self.waiting.popleft() for _ in range(min(self.batch.free(), len(self.waiting)))]
@@ -129,10 +143,13 @@ class Scheduler:
     def _run(self, admit: list[Job]) -> None:
         for job in admit:
             self.jobs[id(job.row)] = job
+            if job.timer:
+                job.timer.admitted(len(job.row.prompt))
         if admit:
             self.batch.admit([j.row for j in admit])
         for row in self.batch.step():
             job = self.jobs.pop(id(row))
+            job.ended(row.finish or "length")
             if row.finish == "cancelled":
                 self.cancelled += 1
                 continue
@@ -151,3 +168,4 @@ class Scheduler:
         for job in {id(j): j for j in jobs}.values():
             self.jobs.pop(id(job.row), None)
             job.deliver(("error", message))
+            job.ended("error")

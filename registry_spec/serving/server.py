@@ -15,6 +15,7 @@ import uvicorn
 from ..errors import InputError
 from ..specs import PredictSpec, ServeResult, ServeSpec
 from .app import ServeState, create_app
+from .metrics import ServeMetrics
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -51,7 +52,8 @@ def serve(h: ModelHandle, spec: ServeSpec) -> ServeResult:
     card = h.card
     state = ServeState(model=card.name, names={card.name, *card.aliases, f"{h.plugin}:{card.name}"}, owner=h.plugin,
                        tokenizer=tok, scheduler=scheduler, max_len=max_len, format_chat=h.format_chat,
-                       format_infill=h.format_infill, api_key=spec.api_key, created=int(time.time()))
+                       format_infill=h.format_infill, api_key=spec.api_key, created=int(time.time()),
+                       metrics=ServeMetrics(card.name, scheduler.load))
     mode = "continuous batching" if scheduler.continuous else "static batches (the engine cannot join rows)"
     print(f"zoo serve: {card.name} ({spec.backend}) ready in {time.perf_counter() - t0:.1f} s on "
           f"http://{spec.host}:{spec.port}/v1 ({size} slots of {max_len} tokens, {mode})", file=sys.stderr, flush=True)
