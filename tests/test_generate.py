@@ -111,6 +111,28 @@ def test_head_layout_probe_is_cached_for_warm_starts(generator, hf_model, tmp_pa
     assert second.head_choice == {4: planted}
 
 
+@pytest.mark.skipif(not __import__("wizardcoder_plugin.kernels").kernels.availability()[0],
+                    reason="native kernels unavailable here")
+def test_a_joining_row_prefills_on_the_kernels_chosen_for_one_row(generator, monkeypatch):
+    """A row joining a running batch is a one-row prefill: it runs on the kernels chosen for one row, not on the
+    bucket's (the timing planted here to differ), and gives a batch-1 prefill's logits bit for bit."""
+    from registry_spec.generation import Batch
+    from wizardcoder_plugin.kernels import choices
+
+    monkeypatch.setattr(choices, "head_layout", lambda _m, batch, *_: "native" if batch == 1 else "tied")
+    gen = Generator(generator.model, eos_token_id=10**6, pad_token_id=PAD, max_batch=8, screened_head=False)
+    ids = np.full((1, 16), PAD, np.int32)
+    ids[0, : len(PROMPTS[0])] = PROMPTS[0]
+    lengths = np.array([len(PROMPTS[0])], np.int32)
+    alone, _ = gen.prefill(ids, lengths, 64, False, True)
+    batch = Batch(gen, 10**6, PAD, 8, 64)
+    batch.open()  # the 8-row bucket's own graphs: MindSpore's kernels
+    joined = gen.join(batch.cache, np.array([3], np.int32), ids, lengths, False)
+    np.testing.assert_array_equal(joined, alone)
+    assert gen._cells[(8, 64)].prefill[(1, 16, False)].native is not None
+    assert gen._cells[(8, 64)].prefill[(8, 16, False)].native is None and gen.head_choice == {1: "native", 8: "tied"}
+
+
 def test_native_kernels_equal_hf_generate(generator, hf_model):
     """Every decode linear layer and the LM head on the native kernel: HF's tokens, greedy and from logits
     (repetition penalty: the host picks), at each batch size the bucket rounds to."""

@@ -89,12 +89,14 @@ class Generator:
 
     def _prefill_cell(self, batch: int, max_len: int, rows: int, prompt_len: int, greedy: bool) -> PrefillCell:
         """A prefill graph of `rows` rows into the cache of the (batch, max_len) bucket; greedy on the screened head
-        returns token ids, the others logits. Every cell sees one input shape, so each runs in MindSpore's
-        "increment" phase (re-entered without walking the cell tree, which matters on a small model's prefill)."""
+        returns token ids, the others logits. Its kernels are the ones chosen for `rows`-row graphs: a row joining
+        a running batch is a one-row prefill whatever the bucket's size. Every cell sees one input shape, so each
+        runs in MindSpore's "increment" phase (re-entered without walking the cell tree, which matters on a small
+        model's prefill)."""
         bucket = self._bucket(batch, max_len, prompt_len)
-        key = (rows, prompt_len, self.selection.screens(batch, greedy))
+        key = (rows, prompt_len, self.selection.screens(rows, greedy))
         if key not in bucket.prefill:
-            bucket.prefill[key] = self.selection.prefill_cell(batch, bucket.cache, greedy)
+            bucket.prefill[key] = self.selection.prefill_cell(rows, bucket.cache, greedy)
             bucket.prefill[key].phase = "increment"
         return bucket.prefill[key]
 
