@@ -194,15 +194,20 @@ def raw_ttft_ms(url: str, max_tokens: int, requests: int = 20) -> float:
     return statistics.median(times)
 
 
-def server_ttft(url: str) -> tuple[float, float]:
-    """The server's own TTFT histogram so far (its /metrics): (sum in seconds, count)."""
+def server_times(url: str) -> dict[str, float]:
+    """The server's own histograms so far (its /metrics): time to first token and queue time (arrival to the
+    row's admission, before its prefill), as {name_sum: seconds, name_count: n}."""
     import httpx2
     from prometheus_client.parser import text_string_to_metric_families
 
-    name = "zoo_time_to_first_token_seconds"
-    values = {s.name: s.value for family in text_string_to_metric_families(httpx2.get(url + "/metrics").text)
-              for s in family.samples if s.name in (name + "_sum", name + "_count")}
-    return values[name + "_sum"], values[name + "_count"]
+    names = {f"zoo_{m}_seconds_{k}" for m in ("time_to_first_token", "request_queue_time") for k in ("sum", "count")}
+    return {s.name: s.value for family in text_string_to_metric_families(httpx2.get(url + "/metrics").text)
+            for s in family.samples if s.name in names}
+
+
+def mean_ms(before: dict[str, float], after: dict[str, float], metric: str) -> float:
+    name = f"zoo_{metric}_seconds"
+    return (after[name + "_sum"] - before[name + "_sum"]) / (after[name + "_count"] - before[name + "_count"]) * 1e3
 
 
 def main() -> None:
@@ -233,9 +238,9 @@ def main() -> None:
                              f"{r['tokens_per_s'] / base:.2f}× | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
                              f"{r['ttft_ms']:.1f} |")
                 if c == 1:
-                    (sum0, n0), raw = server_ttft(url), raw_ttft_ms(url, args.max_tokens)
-                    sum1, n1 = server_ttft(url)
-                    inside = (sum1 - sum0) / (n1 - n0) * 1e3
+                    t0, raw = server_times(url), raw_ttft_ms(url, args.max_tokens)
+                    t1 = server_times(url)
+                    inside, queued = mean_ms(t0, t1, "time_to_first_token"), mean_ms(t0, t1, "request_queue_time")
                     notes.append(f"- {shape}: warm TTFT at 1 client {r['ttft_ms']:.1f} ms (openai client), "
                                  f"{raw:.1f} ms (bare httpx) against a bare batch-1 prefill of {prefill:.1f} ms "
                                  f"in-process ({r['ttft_ms'] / prefill:.2f}×, {raw / prefill:.2f}×); the "
@@ -245,7 +250,7 @@ def main() -> None:
                                  f"({(r['ttft_ms'] - floor_openai) / prefill:.2f}×, "
                                  f"{(raw - floor_httpx) / prefill:.2f}× the prefill); measured inside the server "
                                  f"(its /metrics, mean over the httpx requests): {inside:.1f} ms "
-                                 f"({inside / prefill:.2f}×)")
+                                 f"({inside / prefill:.2f}×), {queued:.2f} ms of it before the row's prefill")
                 print(lines[-1], flush=True)
         finally:
             proc.terminate()
