@@ -52,6 +52,18 @@ items = [it for f in sorted(Path(sys.argv[1]).glob("*.safetensors")) for it in l
 for i, shard in enumerate(plan_shards(items, 2 * 2**30)):
     save_file({k: t.read() for k, t in shard}, str(Path(sys.argv[2]) / f"shard-{i}.safetensors"))
 """,
+    # safetensors 0.8 writes from each array's own memory (no bytes copy): handed the source file's mapped pages,
+    # it holds no private copy (a shard's pages are mapped at once: they count in its RSS until it is written)
+    "write, safetensors library (mapped views)": """
+import sys
+from pathlib import Path
+from safetensors.numpy import save_file
+from wizardcoder_plugin.weights.safetensors_files import lazy_tensors, plan_shards
+items = [it for f in sorted(Path(sys.argv[1]).glob("*.safetensors")) for it in lazy_tensors(f)]
+for i, shard in enumerate(plan_shards(items, 2 * 2**30)):
+    save_file({k: t.mapped() if t.mapped is not None else t.read() for k, t in shard},
+              str(Path(sys.argv[2]) / f"shard-{i}.safetensors"))
+""",
     "write, zoo (streaming)": """
 import sys
 from pathlib import Path

@@ -197,6 +197,31 @@ def test_every_error_status_and_the_server_survives(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
+def test_tokenize_and_detokenize_as_vllm_serves_them(server, hf_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def post(route: str, **body) -> httpx.Response:
+        return httpx.post(server.url + route, json={"model": "wizardcoder-tiny", **body}, headers=headers)
+
+    r = post("/tokenize", prompt=PROMPTS[0]).json()
+    assert r == {"tokens": hf_tok.encode(PROMPTS[0]), "count": len(hf_tok.encode(PROMPTS[0])), "max_model_len": 256}
+    messages = [{"role": "user", "content": "Reverse a string."}]
+    chat = server.client().chat.completions.create(model="wizardcoder-tiny", messages=messages, max_tokens=1)
+    assert post("/tokenize", messages=messages).json()["count"] == chat.usage.prompt_tokens
+    text = "def f(x):\n    return x<|endoftext|>"
+    assert post("/detokenize", tokens=hf_tok.encode(text)).json() == {"prompt": text}
+    for route, body, param in (("/detokenize", {"tokens": [5, 10**6]}, "tokens"),
+                               ("/tokenize", {"prompt": "x", "messages": messages}, None),
+                               ("/tokenize", {"prompt": "x", "add_special_tokens": True}, "add_special_tokens")):
+        r = post(route, **body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+    assert post("/tokenize", model="gpt-4", prompt="x").status_code == 404
+    assert httpx.post(server.url + "/tokenize", json={"model": "wizardcoder-tiny", "prompt": "x"}).status_code == 401
+
+
 def test_sixteen_concurrent_streams_each_equal_their_sequential_result(server):
     client = server.client()
     jobs = [(PROMPTS[i % 8], 6 + 3 * (i % 5)) for i in range(16)]  # different lengths: rows leave and join

@@ -1,6 +1,6 @@
 """The routes: `/v1/models`, `/v1/completions` (with `suffix` for fill-in-the-middle), `/v1/chat/completions`,
-`/health`, `/metrics`. Every error is answered in OpenAI's schema; nothing a client sends reaches the engine
-unchecked."""
+`/tokenize` and `/detokenize` (vLLM's), `/health`, `/metrics`. Every error is answered in OpenAI's schema;
+nothing a client sends reaches the engine unchecked."""
 
 from __future__ import annotations
 
@@ -27,8 +27,11 @@ from ..predict import TextTracker
 from .metrics import CONTENT_TYPE, RequestTimer, ServeMetrics
 from .protocol import (
     APIError,
+    ChatMessage,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     envelope,
     finish_reason,
     request_id,
@@ -128,8 +131,7 @@ def create_app(state: ServeState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
         _check_model(state, body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = _format(state.format_chat, messages, param="messages")
+        text = _chat_prompt(state, body.messages)
         rid = request_id("chatcmpl")
         sub = _submit(state, [text], body, body.max_completion_tokens or body.max_tokens, logprobs=body.logprobs)
         if body.stream:
@@ -140,18 +142,38 @@ def create_app(state: ServeState) -> FastAPI:
                   "logprobs": {"content": _chat_logprobs(state, job)} if body.logprobs else None}
         return envelope("chat.completion", state.model, [choice], rid, usage=_usage(sub.jobs))
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        _check_model(state, body.model)
+        text = body.prompt if body.messages is None else _chat_prompt(state, body.messages)
+        ids = state.tokenizer.encode(text or "")
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        _check_model(state, body.model)
+        vocab = state.tokenizer.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:  # the tokenizer would drop it silently
+            raise APIError(400, f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", param="tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
     return app
 
 
+OPEN_ROUTES = ("/health", "/metrics")  # what a load balancer and a scraper read without the API key
+
+
 class _KeyCheck:
-    """401 for a /v1/ request without the server's key, before the body is read (a pure ASGI middleware:
-    Starlette's BaseHTTPMiddleware would wrap every streamed response in a task group and a memory stream)."""
+    """401 for a request without the server's key (all but OPEN_ROUTES), before the body is read (a pure ASGI
+    middleware: Starlette's BaseHTTPMiddleware would wrap every streamed response in a task group and a memory
+    stream)."""
 
     def __init__(self, app: ASGIApp, key: str) -> None:
         self.app, self.expected = app, f"bearer {key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given[:7].lower() + given[7:], self.expected):
                 exc = APIError(401, "invalid API key: send it as 'Authorization: Bearer KEY'",
@@ -165,6 +187,11 @@ def _check_model(state: ServeState, name: str) -> None:
     if name not in state.names:
         raise APIError(404, f"model {name!r} is not served here; this server serves {state.model!r}",
                        "not_found_error", param="model", code="model_not_found")
+
+
+def _chat_prompt(state: ServeState, messages: list[ChatMessage]) -> str:
+    """The messages in the model's chat template (what the chat route generates from)."""
+    return _format(state.format_chat, [{"role": m.role, "content": m.text()} for m in messages], param="messages")
 
 
 def _format(fn: Callable[..., str], *args: Any, param: str) -> str:

@@ -1,5 +1,6 @@
 """The OpenAI API's request and response shapes that `zoo serve` speaks (completions, chat completions, models,
-errors), as pydantic models: unknown fields and out-of-range values are 400s naming the field."""
+errors; vLLM's tokenize and detokenize), as pydantic models: unknown fields and out-of-range values are 400s naming
+the field."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -97,6 +98,31 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Literal[0] | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages as the chat route renders them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids back to text (special tokens kept)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    tokens: list[int]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
