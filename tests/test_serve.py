@@ -275,15 +275,23 @@ def test_a_client_gone_before_a_plain_completion_ends_frees_its_row(server):
     assert after["completed"] == before["completed"]
 
 
-def test_full_queue_is_429_and_sigterm_finishes_in_flight_requests(hf_dir, tmp_path):
-    s = Server(hf_dir, tmp_path, "--max-batch-size", "1", "--max-queue", "1")
+def test_full_queue_is_429_and_sigterm_finishes_in_flight_requests(tmp_path):
+    from conftest import make_hf_checkpoint
+
+    from wizardcoder_plugin.text.tokenizer import WizardCoderTokenizer
+
+    # a long context, so the first request is still running (a second queued) while the third is refused
+    long_dir = make_hf_checkpoint(tmp_path / "long", n_positions=2048)
+    WizardCoderTokenizer.from_pretrained(BUNDLED_TOKENIZER).backend.save(str(long_dir / "tokenizer.json"))
+    s = Server(long_dir, tmp_path, "--max-batch-size", "1", "--max-queue", "1", "--shutdown-timeout", "120")
+    tokens = 2000
     try:
         client = s.client("none")
         done: dict[str, object] = {}
 
         def long(name: str) -> None:
             try:
-                done[name] = client.completions.create(model="wizardcoder-tiny", prompt="def", max_tokens=150,
+                done[name] = client.completions.create(model="wizardcoder-tiny", prompt="def", max_tokens=tokens,
                                                        temperature=0)
             except openai.APIStatusError as exc:
                 done[name] = exc.status_code
@@ -303,8 +311,8 @@ def test_full_queue_is_429_and_sigterm_finishes_in_flight_requests(hf_dir, tmp_p
         second.join(60)
         assert s.proc.wait(60) == 0, s.log.read_text()
         assert done["first"].choices[0].finish_reason == "length"  # type: ignore[union-attr]
-        assert done["first"].usage.completion_tokens == 150  # type: ignore[union-attr]
-        assert done["second"] == 500 or done["second"].usage.completion_tokens == 150  # type: ignore[union-attr]
+        assert done["first"].usage.completion_tokens == tokens  # type: ignore[union-attr]
+        assert done["second"] == 500 or done["second"].usage.completion_tokens == tokens  # type: ignore[union-attr]
         with pytest.raises(httpx.HTTPError):
             httpx.get(s.url + "/health", timeout=2)
     finally:
