@@ -19,6 +19,7 @@ from wizardcoder_plugin.model.memory import (
     MemoryPlan,
     inference_plan,
     kv_bytes_per_token,
+    training_plan,
     training_state_bytes,
     weight_bytes,
 )
@@ -79,6 +80,23 @@ def test_plan_matches_a_measured_predict(tmp_path_factory):
     plan = inference_plan(config, "fp32", 1, 64, 16)
     print(plan.describe(), peak / GIB)
     assert 0.75 * peak < plan.total < 1.25 * peak, (plan.describe(), peak / GIB)
+
+
+def test_training_plan_covers_a_measured_train(tmp_path_factory):
+    """A 44M-parameter model's `zoo train` step (batch 4 x 128): the plan's total is at least the measured peak
+    resident set and within 25% above it (a plan below the peak would let a run in that cannot fit)."""
+    tmp = tmp_path_factory.mktemp("train-plan")
+    src = make_hf_checkpoint(tmp / "hf", n_embd=512, n_layer=6, n_head=8, n_positions=512)
+    data = tmp / "d.mindrecord"
+    r = zoo("preprocess", "wizardcoder-tiny", "--input", str(REPO / "src/wizardcoder_plugin/data/samples/"
+            "code_alpaca_400.json"), "--output", str(data), "--seq-length", "128", "--limit", "40")
+    assert r.returncode == 0, r.stderr
+    peak = peak_of("train", "wizardcoder-tiny", "--config", str(src / "config.json"), "--data", str(data),
+                   "--mode", "pretrain", "--output-dir", str(tmp / "run"), "--max-steps", "1", "--batch-size", "4",
+                   "--seq-length", "128")
+    plan = training_plan(load_config(src / "config.json"), "fp32", 4, 128)
+    print(plan.describe(), peak / GIB)
+    assert peak < plan.total < 1.25 * peak, (plan.describe(), peak / GIB)
 
 
 def test_refused_under_zoo_memory_limit_before_reading_weights(hf_tiny, tmp_path):

@@ -45,12 +45,26 @@ def prefill_activation_bytes(config: GPTBigCodeConfig, batch: int, length: int) 
     return batch * (length * per_token + scores + config.vocab_size * 4)
 
 
+# MindSpore's autodiff holds more than the count of activations a backward pass needs (its fp32 LayerNorm and
+# softmax intermediates, the backward's own temporaries, its memory pool's rounding): the factor that brings the
+# count to a measured `zoo train` (tests/test_memory.py checks the whole plan against one)
+_AUTODIFF_FACTOR = 1.5
+
+
 def training_activation_bytes(config: GPTBigCodeConfig, batch: int, length: int, precision: str) -> int:
     """Activations kept for the backward pass without recomputation (Korthikanti et al. 2022: s b h (34 + 5 a s / h)
-    bytes per layer at 2 bytes per value), plus the logits, their softmax and gradient in fp32."""
+    bytes per layer at 2 bytes per value), plus the logits, their softmax and gradient in fp32; times
+    `_AUTODIFF_FACTOR`."""
     h, a = config.n_embd, config.n_head
     per_layer = length * batch * h * (34 + 5 * a * length / h) * BYTES[precision] / 2
-    return int(config.n_layer * per_layer + 3 * batch * length * config.vocab_size * 4)
+    return int(_AUTODIFF_FACTOR * (config.n_layer * per_layer + 3 * batch * length * config.vocab_size * 4))
+
+
+def training_transient_bytes(config: GPTBigCodeConfig, precision: str) -> int:
+    """What a step holds per parameter beside the state: the backward's gradients in the compute dtype, before they
+    are added into the fp32 accumulators, and the optimizer's fp32 update of each parameter (the graphs' outputs
+    and temporaries, which MindSpore's memory pool keeps from one step to the next)."""
+    return config.num_parameters() * (BYTES[precision] + 4)
 
 
 @dataclass
@@ -114,10 +128,12 @@ def _layer_norm_params(config: GPTBigCodeConfig) -> int:
 
 
 def training_plan(config: GPTBigCodeConfig, precision: str, batch: int, length: int) -> MemoryPlan:
-    """`zoo train`: the parameters, their training state, the activations of one micro-batch."""
+    """`zoo train`: the parameters, their training state, a step's gradients and updates, the activations of one
+    micro-batch."""
     return MemoryPlan("training", {
         "weights": weight_bytes(config, precision),
         "gradients + AdamW state": training_state_bytes(config, precision),
+        "step gradients + updates": training_transient_bytes(config, precision),
         "activations": training_activation_bytes(config, batch, length, precision), "framework": FRAMEWORK_BYTES})
 
 
