@@ -61,9 +61,10 @@ def training_activation_bytes(config: GPTBigCodeConfig, batch: int, length: int,
 
 
 def training_transient_bytes(config: GPTBigCodeConfig, precision: str) -> int:
-    """What a step holds per parameter beside the state: the backward's gradients in the compute dtype, before they
-    are added into the fp32 accumulators, and the optimizer's fp32 update of each parameter (the graphs' outputs
-    and temporaries, which MindSpore's memory pool keeps from one step to the next)."""
+    """What the forward + backward graph holds per parameter beside the state and the activations: the gradients
+    it outputs, before they are added into the fp32 accumulators, and the weight gradients' intermediates (in the
+    compute dtype and in fp32), which MindSpore's memory pool keeps from one step to the next. (The optimizer's
+    update runs in place: it adds nothing measurable.)"""
     return config.num_parameters() * (BYTES[precision] + 4)
 
 
@@ -128,12 +129,12 @@ def _layer_norm_params(config: GPTBigCodeConfig) -> int:
 
 
 def training_plan(config: GPTBigCodeConfig, precision: str, batch: int, length: int) -> MemoryPlan:
-    """`zoo train`: the parameters, their training state, a step's gradients and updates, the activations of one
+    """`zoo train`: the parameters, their training state, the backward's gradients, the activations of one
     micro-batch."""
     return MemoryPlan("training", {
         "weights": weight_bytes(config, precision),
         "gradients + AdamW state": training_state_bytes(config, precision),
-        "step gradients + updates": training_transient_bytes(config, precision),
+        "backward gradients": training_transient_bytes(config, precision),
         "activations": training_activation_bytes(config, batch, length, precision), "framework": FRAMEWORK_BYTES})
 
 
