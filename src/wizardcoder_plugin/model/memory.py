@@ -144,7 +144,7 @@ def card_figures(config: GPTBigCodeConfig) -> dict[str, object]:
         "parameters": config.num_parameters(),
         "weights_bytes": {p: weight_bytes(config, p) for p in BYTES},
         "training_state_bytes": {p: training_state_bytes(config, p) for p in BYTES},
-        "training_step_bytes": {p: training_transient_bytes(config, p) for p in BYTES},
+        "training_backward_bytes": {p: training_transient_bytes(config, p) for p in BYTES},
         "kv_cache_bytes_per_token": {p: kv_bytes_per_token(config, p) for p in BYTES},
         "prefill_activation_bytes_per_token": (4 * config.n_embd + 2 * config.kv_heads * config.head_dim
                                                + 2 * config.inner_dim) * 4,
