@@ -60,7 +60,7 @@ def training_activation_bytes(config: GPTBigCodeConfig, batch: int, length: int,
     return int(_AUTODIFF_FACTOR * (config.n_layer * per_layer + 3 * batch * length * config.vocab_size * 4))
 
 
-def training_transient_bytes(config: GPTBigCodeConfig, precision: str) -> int:
+def training_backward_bytes(config: GPTBigCodeConfig, precision: str) -> int:
     """What the forward + backward graph holds per parameter beside the state and the activations: the gradients
     it outputs, before they are added into the fp32 accumulators, and the weight gradients' intermediates (in the
     compute dtype and in fp32), which MindSpore's memory pool keeps from one step to the next. (The optimizer's
@@ -134,7 +134,7 @@ def training_plan(config: GPTBigCodeConfig, precision: str, batch: int, length: 
     return MemoryPlan("training", {
         "weights": weight_bytes(config, precision),
         "gradients + AdamW state": training_state_bytes(config, precision),
-        "backward gradients": training_transient_bytes(config, precision),
+        "backward gradients": training_backward_bytes(config, precision),
         "activations": training_activation_bytes(config, batch, length, precision), "framework": FRAMEWORK_BYTES})
 
 
@@ -144,7 +144,7 @@ def card_figures(config: GPTBigCodeConfig) -> dict[str, object]:
         "parameters": config.num_parameters(),
         "weights_bytes": {p: weight_bytes(config, p) for p in BYTES},
         "training_state_bytes": {p: training_state_bytes(config, p) for p in BYTES},
-        "training_backward_bytes": {p: training_transient_bytes(config, p) for p in BYTES},
+        "training_backward_bytes": {p: training_backward_bytes(config, p) for p in BYTES},
         "kv_cache_bytes_per_token": {p: kv_bytes_per_token(config, p) for p in BYTES},
         "prefill_activation_bytes_per_token": (4 * config.n_embd + 2 * config.kv_heads * config.head_dim
                                                + 2 * config.inner_dim) * 4,
