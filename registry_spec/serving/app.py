@@ -42,7 +42,8 @@ from .scheduler import Job, QueueFull, Scheduler, ShuttingDown, async_deliverer
 
 @dataclass
 class ServeState:
-    """What the routes need: the served model's names, its tokenizer and prompt formats, the scheduler."""
+    """What the routes need: the served model's names, its tokenizer and prompt formats, the scheduler, the
+    metrics."""
 
     model: str
     names: set[str]
@@ -52,7 +53,7 @@ class ServeState:
     max_len: int
     format_chat: Callable[[list[dict[str, str]]], str]
     format_infill: Callable[[str, str], str]
-    metrics: ServeMetrics | None = None
+    metrics: ServeMetrics
     api_key: str | None = None
     draining: bool = False
     created: int = 0
@@ -100,8 +101,6 @@ def create_app(state: ServeState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        if state.metrics is None:
-            raise HTTPException(404, "this server keeps no metrics")
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -231,8 +230,8 @@ def _submit(state: ServeState, texts: list[str], body: CompletionRequest | ChatR
         tracker = TextTracker(state.tokenizer, cfg.stop)
         row = Row(ids, cfg, np.random.default_rng(body.seed), logprobs=[] if logprobs else None,
                   should_stop=tracker.stopped if cfg.stop else None)
-        timer = RequestTimer(state.metrics, arrival) if state.metrics else None
-        sub.jobs.append(Job(row, tracker, async_deliverer(loop, queue, i), index=i, timer=timer))
+        sub.jobs.append(Job(row, tracker, async_deliverer(loop, queue, i), index=i,
+                            timer=RequestTimer(state.metrics, arrival)))
     submitted: list[Job] = []
     try:
         for job in sub.jobs:

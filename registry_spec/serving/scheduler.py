@@ -49,6 +49,10 @@ class Job:
         if self.timer:
             self.timer.token(now)
 
+    def admitted(self) -> None:
+        if self.timer:
+            self.timer.admitted(len(self.row.prompt))
+
     def ended(self, reason: str) -> None:
         if self.timer:
             self.timer.ended(reason, len(self.row.generated))
@@ -143,8 +147,7 @@ class Scheduler:
     def _run(self, admit: list[Job]) -> None:
         for job in admit:
             self.jobs[id(job.row)] = job
-            if job.timer:
-                job.timer.admitted(len(job.row.prompt))
+            job.admitted()
         if admit:
             self.batch.admit([j.row for j in admit])
         for row in self.batch.step():

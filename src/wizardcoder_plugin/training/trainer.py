@@ -200,9 +200,10 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         return out
 
-    def restore(self, ckpt: Path) -> None:
-        """`ckpt`'s optimizer state and position, after checking that the run's layout matches it."""
-        state = self.resume_state
+    def restore(self) -> None:
+        """The resumed checkpoint's optimizer state and position, after checking that the run's layout matches
+        it (the model's parameters came from it when the trainer was built)."""
+        ckpt, state = self.resume_from, self.resume_state
         for key, mine in (("rows", self.reader.rows), ("width", self.reader.width), ("world", self.world)):
             if state[key] != mine:
                 raise InputError(f"cannot resume from {ckpt}: it was trained with {key}={state[key]}, this run has "
@@ -212,7 +213,6 @@ class Trainer:
             if saved[key] != getattr(self.s, key):
                 raise InputError(f"cannot resume from {ckpt}: {key} was {saved[key]}, now {getattr(self.s, key)}",
                                  f"pass --{key.replace('_', '-')} {saved[key]}")
-        # the model's parameters came from this checkpoint when it was built
         load_params(self.optimizer_params(), _checkpoint_file(ckpt, "optimizer"))
         self.step, self.adam_step = state["step"], state["adam_step"]
         self.micro_position = state["micro_position"]
@@ -231,7 +231,7 @@ class Trainer:
             shutil.rmtree(stale, ignore_errors=True)  # a save killed half-way
         if s.resume:
             if self.resume_from:
-                self.restore(self.resume_from)
+                self.restore()
                 if self.rank == 0:
                     print(f"resuming from {self.resume_from} (step {self.step})", file=sys.stderr)
             elif self.rank == 0:
