@@ -1,4 +1,5 @@
-"""Shared helpers: the machine description and appending a dated section to RESULTS.md."""
+"""Shared helpers: the machine description, appending a dated section to RESULTS.md, and HF's reference
+training step (torch is imported by the caller: this module stays light for the processes that import it)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime as dt
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
@@ -52,3 +54,11 @@ def append_results(title: str, command: str, where: str, table: str, rows: list[
     with RESULTS.open("a", encoding="utf-8") as f:
         f.write(text)
     print(text)
+
+
+def hf_train_step(model: Any, opt: Any, torch: Any, ids: Any) -> None:
+    """One step of the HF reference: causal-LM loss on `ids` as labels, backward, clip at 1.0, AdamW, zero_grad."""
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()

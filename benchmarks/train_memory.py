@@ -28,19 +28,17 @@ from wizardcoder_plugin.model.memory import GIB, training_plan  # noqa: E402
 HERE = Path(__file__).parent
 CONFIG = HERE / "tiny_starcoder.json"
 SAMPLES = HERE.parent / "src/wizardcoder_plugin/data/samples/code_alpaca_400.json"
-HF_STEP = """
+HF_STEP = f"""
 import json, sys, torch
+sys.path.insert(0, {str(HERE)!r})
+from common import hf_train_step
 from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 cfg, batch, length = json.load(open(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 model = GPTBigCodeForCausalLM(GPTBigCodeConfig(**cfg)).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 for step in range(2):  # the first creates AdamW's state, the second runs beside it
-    ids = torch.randint(1, 49000, (batch, length))
-    model(input_ids=ids, labels=ids).loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad()
+    hf_train_step(model, opt, torch, torch.randint(1, 49000, (batch, length)))
 """
 
 # `zoo train` in this process, the resident set read after the trainer is built and after each graph's first call

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import append_results, machine
+from common import append_results, hf_train_step, machine
 
 from wizardcoder_plugin.model.config import PRESETS, load_config
 from wizardcoder_plugin.training.preprocess import write_mindrecord
@@ -49,11 +49,7 @@ def hf_worker(conn, hf_config: dict, data_rows: list, batch: int, threads: int) 
     while (i := conn.recv()) is not None:
         ids = torch.tensor(np.stack([r[0] for r in data_rows[i * batch:(i + 1) * batch]]), dtype=torch.long)
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+        hf_train_step(model, opt, torch, ids)
         conn.send(time.perf_counter() - t0)
 
 
