@@ -1,9 +1,9 @@
-"""Reading and writing a real-size safetensors checkpoint: the `safetensors` library against this plugin's own
-reader and writer (`weights/safetensors_files.py`), each case a fresh process timed from start to exit with its
-peak RSS and its peak private (anonymous) memory. Reading hands every tensor over as an array and reads each once
-(a sum), as a load followed by a first forward does; writing writes the same tensors as shards of at most 2 GB.
-The checkpoint is `startup.py`'s random 1B one (sharded fp32, 4.5 GB), created if missing; `--dtype bf16` reads
-a bf16 copy of it (made once with `zoo convert --dtype bf16`) as bf16 and as fp32 arrays, the library through
+"""Reading and writing a real-size safetensors checkpoint: the `safetensors` library against this plugin's own reader
+and writer (`weights/safetensors_files.py`), and MindSpore's own loader; each case a fresh process timed from start
+to exit with its peak RSS and its peak private (anonymous) memory. Reading hands every tensor over as an array and
+reads each once (a sum), as a load followed by a first forward does; writing writes the same tensors as shards of at
+most 2 GB. The checkpoint is `startup.py`'s random 1B one (sharded fp32, 4.5 GB), created if missing; `--dtype bf16`
+reads a bf16 copy of it (made once with `zoo convert --dtype bf16`) as bf16 and as fp32 arrays, the library through
 torch as HF's loader does.
 
     python benchmarks/safetensors_io.py [--work /tmp/zoo-startup] [--repeats 2] [--dtype fp32|bf16]
@@ -42,6 +42,15 @@ held = {}
 for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
     for k, t in lazy_tensors(f):
         held[k] = t.mapped() if t.mapped is not None else t.read()
+""" + SUM,
+    # MindSpore's public loader: its own pure-Python reader (mmap copy-on-write + np.frombuffer, not the library)
+    "read, MindSpore's own (`mindspore.load_checkpoint(format=\"safetensors\")`)": """
+import sys, numpy as np
+from pathlib import Path
+import mindspore as ms
+held = {}
+for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+    held.update({k: p.asnumpy() for k, p in ms.load_checkpoint(str(f), format="safetensors").items()})
 """ + SUM,
     "write, safetensors library": """
 import sys

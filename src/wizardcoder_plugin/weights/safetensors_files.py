@@ -4,7 +4,8 @@ peak memory does not grow with the model.
 
 Not the `safetensors` library: its readers hand out a copy of each tensor (no view of the file's pages, which
 `weights.loading` maps into parameters without a copy) and its writers take every tensor at once (no bounded-
-memory conversion). The tests read this module's files with the library."""
+memory conversion). MindSpore's own `load_checkpoint(format="safetensors")` maps the file and parses the header
+in Python the same way. The tests read this module's files with the library."""
 
 from __future__ import annotations
 
