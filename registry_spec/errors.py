@@ -57,7 +57,9 @@ class SpecValidationError(ZooError):
 
     @classmethod
     def from_pydantic(cls, spec_name: str, exc: Exception) -> SpecValidationError:
-        problems = [(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]  # type: ignore[attr-defined]
+        # a validator's own message without pydantic's "Value error, " in front
+        problems = [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, "))
+                    for e in exc.errors()]  # type: ignore[attr-defined]
         return cls(spec_name, problems)
 
 

@@ -7,14 +7,31 @@ of truth for every command's options. Fields marked `free_text` take repeated fl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 Capability = Literal["convert", "preprocess", "train", "finetune", "predict", "export", "eval", "bench"]
 CAPABILITIES: tuple[str, ...] = ("convert", "preprocess", "train", "finetune", "predict", "export", "eval", "bench")
 Precision = Literal["fp32", "fp16", "bf16"]
 FREE_TEXT = {"free_text": True}
+
+
+def _not_a_folder(path: Path) -> Path:
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: name a file (for example {path / 'out.jsonl'})")
+    return path
+
+
+def _not_a_file(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file: name a folder")
+    return path
+
+
+# where a command writes: refused at once when the path is the wrong kind, not after the work
+OutputFile = Annotated[Path, AfterValidator(_not_a_folder)]
+OutputDir = Annotated[Path, AfterValidator(_not_a_file)]
 
 
 class _Strict(BaseModel):
@@ -106,7 +123,7 @@ class ConvertResult(_Strict):
 
 class PreprocessSpec(_ModelSpec):
     input: Path
-    output: Path
+    output: OutputFile
     tokenizer: Path | None = None
     seq_length: PositiveInt = 2048
     limit: PositiveInt | None = None
@@ -137,7 +154,7 @@ class ParallelSpec(_Strict):
 class TrainSpec(_WeightsSpec):
     data: Path | None = Field(None, description="the output of `zoo preprocess` (or the config file's dataset)")
     mode: Literal["pretrain", "finetune"] = "finetune"
-    output_dir: Path
+    output_dir: OutputDir
     max_steps: PositiveInt | None = None
     epochs: PositiveInt | None = None
     batch_size: PositiveInt = 8
@@ -169,7 +186,7 @@ class PredictSpec(_WeightsSpec):
     tokenizer: Path | None = None
     prompt: list[str] = Field(default_factory=list, json_schema_extra=FREE_TEXT)
     input: Path | None = Field(None, description="JSONL with an 'instruction' or 'prompt' per row")
-    output: Path | None = Field(None, description="write one JSON object per prompt to this JSONL file")
+    output: OutputFile | None = Field(None, description="write one JSON object per prompt to this JSONL file")
     template: str = Field("default", description="prompt template; 'none' sends the raw prompt")
     max_new_tokens: PositiveInt = 128
     do_sample: bool = False
@@ -205,7 +222,7 @@ class PredictResult(_Strict):
 class ExportSpec(_WeightsSpec):
     backend: str | None = Field(None, description="an exporter of the model (`zoo show MODEL`); default: the "
                                 "model's default")
-    output_dir: Path
+    output_dir: OutputDir
     tokenizer: Path | None = None
     batch_size: PositiveInt = 1
     seq_length: PositiveInt | None = None
@@ -234,7 +251,7 @@ class EvalSpec(_ModelSpec):
     top_p: float = Field(1.0, gt=0, le=1)
     max_length: PositiveInt = 2048
     batch_size: PositiveInt = 8
-    output_dir: Path | None = None
+    output_dir: OutputDir | None = None
     workers: PositiveInt = 2
     timeout: float = Field(3.0, gt=0)
     sandbox: Literal["auto", "bwrap", "unshare", "process"] = Field(
@@ -260,7 +277,7 @@ class BenchSpec(_WeightsSpec):
     prompt_length: PositiveInt = 32
     repeats: PositiveInt = 3
     compare: list[str] = Field(default_factory=list)
-    output_dir: Path | None = None
+    output_dir: OutputDir | None = None
 
 
 class BenchRow(_Strict):

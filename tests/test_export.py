@@ -145,6 +145,16 @@ def test_cli_export_and_predict(tmp_path):
     bad = zoo("predict", "wizardcoder-tiny", "--backend", "onnx", *args)
     assert bad.returncode != 0 and "--artifacts" in bad.stderr
     assert "export" in json.loads(zoo("show", "wizardcoder-tiny", "--json").stdout)["capabilities"]
+    # a later export may replace this folder; a folder with anything else in it, or a file, it refuses (exit 2)
+    from wizardcoder_plugin.export.writer import earlier_export
+
+    assert earlier_export(out)
+    (out / "notes.txt").write_text("mine")
+    assert not earlier_export(out)
+    for target, says in ((out, "not an earlier output"), (out / "notes.txt", "is a file")):
+        r = zoo("export", "wizardcoder-tiny", "--backend", "onnx", "--output-dir", str(target))
+        assert r.returncode == 2 and str(target) in r.stderr and says in r.stderr, r.stderr
+    assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
     shutil.rmtree(out)
 
 

@@ -82,6 +82,11 @@ def test_bad_rows_are_reported_with_line_numbers_and_skipped(tmp_path, tok):
         run_preprocess(PreprocessSpec(model="m", input=src, output=out, seq_length=64, strict=True), tok,
                        progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    # no usable row at all: the error itself quotes the bad rows (there is no result to list them)
+    src.write_text('{"instruction": "cut off",\n{"instruction": "no output"}\n')
+    with pytest.raises(InputError, match=r"no usable rows.*d.jsonl:1: invalid JSON.*d.jsonl:2: missing field"):
+        run_preprocess(PreprocessSpec(model="m", input=src, output=out, seq_length=64), tok, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
 
 
 def test_text_is_packed_into_full_blocks(tmp_path, tok):

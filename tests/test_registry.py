@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -77,6 +78,27 @@ def test_spec_errors_name_the_field():
     assert r.returncode == 2 and "max_new_tokens" in r.stderr and "Traceback" not in r.stderr
     r = zoo("predict", "wizardcoder-tiny", "--prompt", "x", "--top-p", "3")
     assert r.returncode == 2 and "top_p" in r.stderr
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_before_the_work(tmp_path):
+    """A file where a folder is written and a folder where a file is: the spec refuses them (exit 2, no model
+    built), where they used to fail with a traceback after the generation or evaluation had run."""
+    from pydantic import ValidationError
+
+    from registry_spec.specs import EvalSpec, ExportSpec, PredictSpec, PreprocessSpec, TrainSpec
+
+    (tmp_path / "file").write_text("x")
+    folder, file = tmp_path, tmp_path / "file"
+    for cls, fields in ((PredictSpec, {"output": folder, "prompt": ["x"]}), (PreprocessSpec, {"input": file,
+                        "output": folder}), (ExportSpec, {"output_dir": file}), (TrainSpec, {"output_dir": file}),
+                        (EvalSpec, {"output_dir": file})):
+        with pytest.raises(ValidationError, match="is a f"):
+            cls(model="m", **fields)
+    assert PredictSpec(model="m", prompt=["x"], output=folder / "new.jsonl").output == folder / "new.jsonl"
+    r = zoo("predict", "wizardcoder-tiny", "--prompt", "x", "--output", str(folder))
+    assert r.returncode == 2 and f"output: {folder} is a folder" in r.stderr and "mindspore" not in r.stderr.lower()
+    r = zoo("eval", "wizardcoder-tiny", "--task", "mbpp", "--output-dir", str(file))
+    assert r.returncode == 2 and f"output_dir: {file} is a file" in r.stderr, r.stderr
 
 
 def test_spec_file_and_flags_win(tmp_path):
@@ -178,6 +200,44 @@ def test_schemas_match_committed_snapshots():
             "`python -m registry_spec.schemas` to refresh the snapshots")
     r = zoo("spec", "schema", "PredictSpec")
     assert r.returncode == 0 and "max_new_tokens" in json.loads(r.stdout)["properties"]
+
+
+def test_atomic_outputs_replace_only_earlier_outputs_and_get_ordinary_modes(tmp_path):
+    """An output folder replaces an empty folder or an earlier output, never a file or someone's folder (refused
+    before any work); files and folders get the umask's modes, not mkstemp's 0600 / mkdtemp's 0700."""
+    from registry_spec.atomic import atomic_dir, atomic_path, write_text
+    from registry_spec.errors import InputError
+
+    mask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        with atomic_path(tmp_path / "run.sh") as tmp:
+            tmp.write_text("#!/bin/sh\n")
+            tmp.chmod(0o755)  # a mode the writer chose stays
+        assert (tmp_path / "run.sh").stat().st_mode & 0o777 == 0o755
+        out = tmp_path / "out"
+        with atomic_dir(out) as tmp:
+            (tmp / "graph").write_text("1")
+            tmp.chmod(0o700)  # as ms.export leaves it
+        assert out.stat().st_mode & 0o777 == 0o755 and (out / "graph").read_text() == "1"
+        with atomic_dir(out, lambda folder: (folder / "graph").is_file()) as tmp:
+            (tmp / "graph").write_text("2")  # an earlier output of the same kind: replaced
+        assert [p.name for p in out.iterdir()] == ["graph"] and (out / "graph").read_text() == "2"
+        (tmp_path / "file").write_text("mine")
+        (tmp_path / "home").mkdir()
+        (tmp_path / "home" / "notes.txt").write_text("mine")
+        for target, says in ((tmp_path / "file", "is not a folder"), (tmp_path / "home", "is not empty"),
+                             (out, "is not empty")):
+            ran = []
+            with pytest.raises(InputError, match=says), atomic_dir(target) as tmp:
+                ran.append(tmp)
+            assert not ran
+        assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "home" / "notes.txt").read_text() == "mine"
+        assert (out / "graph").read_text() == "2"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "file", "home", "out", "run.sh"]
+    finally:
+        os.umask(mask)
 
 
 def test_staged_files_move_everything_or_nothing(tmp_path):

@@ -364,6 +364,12 @@ def test_cli_finetune_tiny_on_code_alpaca_lowers_the_loss(tmp_path):
     bad = zoo("train", "wizardcoder-tiny", "--data", str(tmp_path / "nope.mindrecord"), "--output-dir",
               str(tmp_path / "x"))
     assert bad.returncode != 0 and "zoo preprocess" in bad.stderr
+    # a fresh run into this run's folder would mix their checkpoints: refused, nothing of the first run touched
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ft").rglob("*")}
+    again = zoo("train", "wizardcoder-tiny", "--data", str(data), "--mode", "finetune", "--output-dir",
+                str(tmp_path / "ft"), "--max-steps", "2")
+    assert again.returncode == 2 and "checkpoint-30" in again.stderr and "--resume" in again.stderr, again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ft").rglob("*")} == before
 
 
 def test_other_backwards_give_the_same_gradients(hf_tiny):

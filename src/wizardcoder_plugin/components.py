@@ -177,10 +177,13 @@ class Exporter:
 
     def export(self, model: Any, spec: ExportSpec, network: Any = None) -> ExportResult:
         """`network`: the spec's weights already loaded (`zoo bench` exports one network per batch size)."""
-        from .export.writer import run_export
+        from registry_spec.atomic import check_replaceable
+
+        from .export.writer import earlier_export, run_export
         from .model.memory import check_inference, weight_bytes
         from .model.runtime import build_model, find_weights
 
+        check_replaceable(spec.output_dir, earlier_export)  # before the weights load
         config = model.config(spec.config)
         tok = model.tokenizer(spec.tokenizer, spec.weights)
         # exporting serializes the weights once more

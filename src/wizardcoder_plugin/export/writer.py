@@ -100,6 +100,15 @@ def _name_onnx_io(path: Path, graph: str) -> None:
     onnx.save(model, str(path))
 
 
+def earlier_export(folder: Path) -> bool:
+    """Whether `folder` holds an earlier export and nothing else: its manifest names every file in it."""
+    try:
+        named = {*json.loads((folder / "manifest.json").read_text())["files"], "manifest.json"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return {p.name for p in folder.iterdir()} <= named
+
+
 def run_export(spec: ExportSpec, model: GPTBigCodeForCausalLM, config: GPTBigCodeConfig,
                tokenizer: WizardCoderTokenizer, source: Path | None, seed: int = 0) -> ExportResult:
     import mindspore as ms
@@ -123,7 +132,7 @@ def run_export(spec: ExportSpec, model: GPTBigCodeForCausalLM, config: GPTBigCod
     try:
         cells = {"prefill": PrefillGraph, "decode": DecodeGraph, "full": FullGraph}
         graphs = {}
-        with atomic_dir(spec.output_dir) as tmp:
+        with atomic_dir(spec.output_dir, earlier_export) as tmp:
             for graph in GRAPHS[spec.mode]:
                 cell = cells[graph](model)
                 inputs = example_inputs(config, graph, spec.batch_size, seq)

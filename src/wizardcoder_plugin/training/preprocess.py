@@ -173,8 +173,10 @@ def packed_rows(texts: Iterator[str], tokenizer: WizardCoderTokenizer, width: in
 
 
 # ------------------------------------------------------------------------------------------------------- writing
-def write_mindrecord(path: Path, rows: Iterator[tuple[np.ndarray, np.ndarray]], progress: bool = True) -> int:
-    """Rows into `path` (+ its `.db` index), written in a temporary folder and moved into place only when complete."""
+def write_mindrecord(path: Path, rows: Iterator[tuple[np.ndarray, np.ndarray]], progress: bool = True,
+                     problems: list[str] | None = None) -> int:
+    """Rows into `path` (+ its `.db` index), written in a temporary folder and moved into place only when complete;
+    none is an error that quotes `problems` (the reader's first bad rows, filled as `rows` runs)."""
     from mindspore.mindrecord import FileWriter
     from tqdm import tqdm
 
@@ -197,7 +199,9 @@ def write_mindrecord(path: Path, rows: Iterator[tuple[np.ndarray, np.ndarray]], 
             writer.write_raw_data(batch)
             written += len(batch)
         if written == 0:
-            raise InputError("no usable rows: nothing to write", "check the input format (see the reported rows)")
+            why = "; ".join(problems or []) or "the input has no rows"
+            raise InputError(f"no usable rows, nothing written: {why}",
+                             "the input must be a JSON array of objects, JSONL (one object per line) or text")
         writer.commit()
     return written
 
@@ -217,7 +221,7 @@ def run_preprocess(spec: PreprocessSpec, tokenizer: WizardCoderTokenizer, progre
         if spec.limit:
             texts = (t for i, t in zip(range(spec.limit), texts, strict=False))
         rows = packed_rows(texts, tokenizer, width, stats)
-    written = write_mindrecord(spec.output, rows, progress)
+    written = write_mindrecord(spec.output, rows, progress, bad.problems)
     read = (written if fmt == "instruction" else stats["rows_read"]) + bad.count
     return PreprocessResult(output=spec.output, rows_read=read, rows_written=written,
                             rows_skipped=bad.count, tokens=stats["tokens"], problems=bad.problems)

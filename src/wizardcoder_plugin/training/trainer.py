@@ -33,6 +33,8 @@ from .preprocess import COLUMNS, read_mindrecord
 from .run_config import TrainSettings
 
 CKPT_PREFIX = "checkpoint-"
+# what a checkpoint folder holds (.ckpt: written before 0.9)
+CKPT_FILES = {"model.safetensors", "optimizer.safetensors", "state.json", "model.ckpt", "optimizer.ckpt"}
 StepCallback = Callable[[dict], None]
 
 
@@ -108,6 +110,11 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A folder `save` wrote (a resumed run that ends at its checkpoint's step saves it again)."""
+    return (folder / "state.json").is_file() and {p.name for p in folder.iterdir()} <= CKPT_FILES
+
+
 def _checkpoint_file(folder: Path, stem: str) -> Path:
     """`stem`.safetensors, or the .ckpt a run before 0.9 wrote."""
     new = folder / f"{stem}.safetensors"
@@ -124,6 +131,11 @@ class Trainer:
         from ..model.runtime import build_model, init_mindspore
         from .optim import AccumulateGrads, CausalLMLoss, ClearGrads, GradStats, LossScaler, fp32_zeros
 
+        earlier = checkpoints(settings.output_dir)
+        if earlier and not settings.resume:  # a fresh run there would mix its checkpoints with these
+            raise InputError(f"{settings.output_dir} holds checkpoints of an earlier run "
+                             f"({', '.join(p.name for p in earlier[-3:])})",
+                             "continue that run with --resume, or train into a new --output-dir")
         init_mindspore()
         self.s, self.config, self.progress = settings, config, progress
         self.rank, self.world = init_parallel(settings)
@@ -137,7 +149,7 @@ class Trainer:
                "a smaller --batch-size with a larger --grad-accum (same rows per step)", "a shorter --seq-length",
                "data parallel over more ranks (msrun) does not split the model; LoRA and model parallel: not "
                "available yet"])
-        found = checkpoints(settings.output_dir)[-1:] if settings.resume else []
+        found = earlier[-1:]
         self.resume_from = found[0] if found else None
         self.resume_state = json.loads((found[0] / "state.json").read_text()) if found else {}
         # a resumed run's weights are its checkpoint's: no random init or base weights only to be overwritten
@@ -192,7 +204,7 @@ class Trainer:
     def save(self) -> Path:
         out = self.s.output_dir / f"{CKPT_PREFIX}{self.step}"
         if self.rank == 0:
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, is_checkpoint) as tmp:
                 save_params(list(self.params), tmp / "model.safetensors")
                 save_params(self.optimizer_params(), tmp / "optimizer.safetensors")
                 (tmp / "state.json").write_text(json.dumps(self.state(), indent=2))

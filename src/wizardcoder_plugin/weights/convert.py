@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -54,7 +53,6 @@ def convert(source: str | Path, output: str | Path, config: GPTBigCodeConfig, to
                 ckpt_files.write_file(tmp, items, bar.update)
             else:
                 safetensors_files.write_file(tmp, items, {"format": "ms"}, bar.update)
-            os.chmod(tmp, 0o644)
     else:
         _write_hf_dir(out, items, config, shard_bytes, bar.update)
     bar.close()
