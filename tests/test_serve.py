@@ -222,6 +222,26 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(server, hf_dir):
     assert httpx.post(server.url + "/tokenize", json={"model": "wizardcoder-tiny", "prompt": "x"}).status_code == 401
 
 
+def test_prompts_as_token_ids_complete_as_their_text_does(server, hf_dir):
+    """OpenAI's token-id prompt forms (one prompt's ids, a list of them), as lm-eval's local-completions sends them:
+    the same greedy completions as the texts; ids outside the vocabulary and mixed forms are 400s."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+    client = server.client()
+    ids = [hf_tok.encode(p) for p in PROMPTS[:2]]
+    as_text = client.completions.create(model="wizardcoder-tiny", prompt=PROMPTS[:2], max_tokens=6, temperature=0)
+    as_ids = client.completions.create(model="wizardcoder-tiny", prompt=ids, max_tokens=6, temperature=0)
+    one = client.completions.create(model="wizardcoder-tiny", prompt=ids[1], max_tokens=6, temperature=0)
+    assert [c.text for c in as_ids.choices] == [c.text for c in as_text.choices]
+    assert one.choices[0].text == as_text.choices[1].text and as_ids.usage == as_text.usage
+    for prompt, says in (([ids[0][0], 10**6], "outside the vocabulary"), (["x", ids[0]], "token-id lists"),
+                         ([], "not empty"), ([[]], "empty prompt")):
+        r = httpx.post(server.url + "/v1/completions", json={"model": "wizardcoder-tiny", "prompt": prompt},
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.json()
+
+
 def test_sixteen_concurrent_streams_each_equal_their_sequential_result(server):
     client = server.client()
     jobs = [(PROMPTS[i % 8], 6 + 3 * (i % 5)) for i in range(16)]  # different lengths: rows leave and join

@@ -78,7 +78,8 @@ def create_app(state: ServeState) -> FastAPI:
             return JSONResponse(APIError(400, "the body must be a JSON object, sent as application/json").body(),
                                 status_code=400)
         param = ".".join(loc)
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        msg = str(first.get("msg")).removeprefix("Value error, ")  # a validator's own message, as raised
+        message = f"{param}: {msg}" if param else msg
         return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -112,13 +113,14 @@ def create_app(state: ServeState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Any:
         _check_model(state, body.model)
         if body.suffix is not None:
-            if len(body.prompt) != 1:
-                raise APIError(400, "suffix takes a single prompt", param="suffix")
-            texts = [_format(state.format_infill, body.prompt[0], body.suffix, param="suffix")]
+            if len(body.prompt) != 1 or not isinstance(body.prompt[0], str):
+                raise APIError(400, "suffix takes a single text prompt", param="suffix")
+            prompts: list[str | list[int]] = [_format(state.format_infill, body.prompt[0], body.suffix,
+                                                      param="suffix")]
         else:
-            texts = list(body.prompt)
+            prompts = list(body.prompt)
         rid = request_id("cmpl")
-        sub = _submit(state, texts, body, body.max_tokens, logprobs=body.logprobs is not None)
+        sub = _submit(state, prompts, body, body.max_tokens, logprobs=body.logprobs is not None)
         if body.stream:
             return _stream(state, sub, rid, chat=False)
         results = await _collect(state, request, sub)
@@ -151,10 +153,7 @@ def create_app(state: ServeState) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
         _check_model(state, body.model)
-        vocab = state.tokenizer.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:  # the tokenizer would drop it silently
-            raise APIError(400, f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", param="tokens")
+        _check_ids(state, body.tokens, "tokens")
         return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     return app
@@ -188,6 +187,13 @@ def _check_model(state: ServeState, name: str) -> None:
                        "not_found_error", param="model", code="model_not_found")
 
 
+def _check_ids(state: ServeState, ids: list[int], param: str) -> None:
+    vocab = state.tokenizer.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:  # the tokenizer would drop it silently, the model index past its embedding
+        raise APIError(400, f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", param=param)
+
+
 def _chat_prompt(state: ServeState, messages: list[ChatMessage]) -> str:
     """The messages in the model's chat template (what the chat route generates from)."""
     return _format(state.format_chat, [{"role": m.role, "content": m.text()} for m in messages], param="messages")
@@ -208,14 +214,15 @@ class Submission:
     queue: asyncio.Queue
 
 
-def _submit(state: ServeState, texts: list[str], body: CompletionRequest | ChatRequest, max_tokens: int | None,
-            logprobs: bool) -> Submission:
-    """One job per prompt, queued for the scheduler (all or none)."""
+def _submit(state: ServeState, prompts: list[str | list[int]], body: CompletionRequest | ChatRequest,
+            max_tokens: int | None, logprobs: bool) -> Submission:
+    """One job per prompt (a text, or its token ids), queued for the scheduler (all or none)."""
     arrival = time.perf_counter()
     if state.draining:
         raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
-    encoded = [state.tokenizer.encode(t) for t in texts]
+    encoded = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     for ids in encoded:
+        _check_ids(state, ids, "prompt")
         if not ids:
             raise APIError(400, "empty prompt", param="prompt")
         if len(ids) >= state.max_len:

@@ -60,7 +60,8 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    # checked by _prompts, whose one message names every accepted form (a union's errors name one member each)
+    prompt: Any = Field(description="a text, a list of texts, token ids, or a list of token-id lists (OpenAI's forms)")
     suffix: str | None = Field(None, description="fill-in-the-middle: the text after the completion")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=1, description="the chosen token's log-probability (top-1 only)")
@@ -69,12 +70,17 @@ class CompletionRequest(_Request):
 
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, v: str | list[str]) -> list[str]:
-        prompts = [v] if isinstance(v, str) else v
-        if not prompts:
-            raise ValueError("at least one prompt")
-        return prompts
+    def _prompts(cls, v: Any) -> list[str | list[int]]:
+        """A list of prompts, each a text or its token ids."""
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
+        if isinstance(v, str) or (ids(v) and v):
+            return [v]
+        if isinstance(v, list) and v and (all(isinstance(x, str) for x in v) or all(ids(x) for x in v)):
+            return v
+        raise ValueError("a prompt is a text, a list of texts, a list of token ids or a list of token-id lists"
+                         + (" (and not empty)" if v in ([], "") else ""))
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
