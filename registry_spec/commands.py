@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from .entries import RegisteredComponent
 from .errors import BackendUnavailableError, CapabilityNotSupportedError, InputError
 from .handle import ModelHandle
-from .predict import run_predict
+from .predict import read_prompts, run_predict
 from .specs import (
     BenchSpec,
     ConvertSpec,
@@ -27,8 +27,9 @@ from .specs import (
 
 
 def predict(h: ModelHandle, spec: PredictSpec) -> BaseModel:
+    prompts = read_prompts(spec, h.format_prompt)  # a bad input file is refused before the weights load
     engine, tok = h.generator(spec)
-    return run_predict(spec, engine, tok, h.format_prompt)
+    return run_predict(spec, engine, tok, prompts)
 
 
 def export(h: ModelHandle, spec: ExportSpec) -> BaseModel:
@@ -44,6 +45,8 @@ def converter_for(h: ModelHandle, spec: ConvertSpec) -> RegisteredComponent:
         accepts = getattr(h.load(rc), "accepts", None)
         return accepts is None or bool(accepts(spec.input))
 
+    if not spec.input.exists():
+        raise InputError(f"input {spec.input} does not exist", "pass the checkpoint file or folder to convert")
     if not any(fits(rc) for rc in h.candidates("converter")):
         known = ", ".join(f"{c.info.source} -> {c.info.target} ({c.qualified_name})" for c in h.candidates("converter"))
         target = f" into {spec.to!r}" if spec.to else ""

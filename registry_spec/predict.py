@@ -94,9 +94,8 @@ class TextTracker:
         return self.final(ids, finish)[len(self.emitted):]
 
 
-def run_predict(spec: PredictSpec, engine: Engine, tokenizer: Tokenizer,
-                format_prompt: Callable[[str, str, str], str]) -> PredictResult:
-    prompts = read_prompts(spec, format_prompt)
+def run_predict(spec: PredictSpec, engine: Engine, tokenizer: Tokenizer, prompts: list[str]) -> PredictResult:
+    """`prompts`: `read_prompts(spec, ...)`, read before the engine was built."""
     cfg = generation_config(spec)
     encoded = [tokenizer.encode(p) for p in prompts]
     trackers = [TextTracker(tokenizer, cfg.stop) for _ in prompts]

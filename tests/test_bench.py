@@ -40,3 +40,5 @@ def test_bench_against_hf(tmp_path, hf_tiny):
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     bad = zoo("bench", "wizardcoder-tiny", "--lengths", "8", "--prompt-length", "8")
     assert bad.returncode != 0 and "must exceed --prompt-length" in bad.stderr
+    bad = zoo("bench", "wizardcoder-tiny", "--weights", str(tmp_path / "none"), "--backends", "online,nosuch")
+    assert bad.returncode == 2 and "no exporter 'nosuch'" in bad.stderr, bad.stderr  # before the weights load

@@ -132,6 +132,8 @@ def test_zoo_convert_cli_both_directions(hf_tiny, tmp_path):
     r = zoo("convert", "wizardcoder-tiny", "--input", str(hf_tiny), "--output", str(tmp_path / "bad.ckpt"),
             "--config", "/nonexistent/config.json")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = zoo("convert", "wizardcoder-tiny", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "x"))
+    assert r.returncode == 2 and f"input {tmp_path / 'none'} does not exist" in r.stderr, r.stderr
     r = zoo("show", "wizardcoder-tiny", "--json")
     assert "convert" in json.loads(r.stdout)["capabilities"]
 

@@ -260,6 +260,8 @@ def test_zoo_predict_on_hf_checkpoint(hf_tiny, hf_model, tmp_path):
     bad.write_text('{"instruction": "ok"}\n{"nope": 1}\n')
     r = zoo(*base, "--input", str(bad))
     assert r.returncode == 2 and "bad.jsonl:2" in r.stderr
+    r = zoo("predict", "wizardcoder-tiny", "--weights", str(tmp_path / "none"), "--input", str(bad))
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr, r.stderr  # read before the weights are looked for
 
 
 def test_graphs_loaded_from_the_compile_cache_give_the_same_tokens(hf_tiny, tmp_path):

@@ -115,11 +115,12 @@ class Model:
         return {n: as_dtype(t.read(), t.dtype, "F32") for n, t in collect(source, cfg).items()}
 
     def bench(self, model: Any, spec: BenchSpec) -> BenchResult:
-        from .generation.bench import run_bench
+        from .generation.bench import check_spec, run_bench
         from .model.memory import check_inference
         from .model.runtime import build_model, find_weights
 
         config = model.config(spec.config)
+        check_spec(spec, model, config)
         tok = model.tokenizer(None, spec.weights)
         check_inference(config, "fp32", max(spec.batch_sizes), "zoo bench")
         net = build_model(model.name, config, spec.weights)

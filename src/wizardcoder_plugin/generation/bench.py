@@ -224,8 +224,8 @@ def plot(rows: list[BenchRow], path: Path) -> bool:
     return True
 
 
-def run_bench(spec: BenchSpec, model: Any, config: Any, net: Any, tok: Any, source: Path | None,
-              log: Callable[[str], None]) -> BenchResult:
+def check_spec(spec: BenchSpec, model: Any, config: Any) -> None:
+    """The spec's lengths, comparison engines and backends, refused before the weights load."""
     lengths = sorted(spec.lengths)
     if any(length <= spec.prompt_length for length in lengths):
         raise InputError(f"every --lengths value must exceed --prompt-length {spec.prompt_length}",
@@ -236,6 +236,15 @@ def run_bench(spec: BenchSpec, model: Any, config: Any, net: Any, tok: Any, sour
     unknown = [c for c in spec.compare if c != "hf"]
     if unknown:
         raise InputError(f"unknown --compare engine(s) {unknown}", "use --compare hf")
+    for backend in spec.backends:
+        if backend != "online":
+            model.resolve("exporter", backend)  # an unknown one: the error lists the registered exporters
+
+
+def run_bench(spec: BenchSpec, model: Any, config: Any, net: Any, tok: Any, source: Path | None,
+              log: Callable[[str], None]) -> BenchResult:
+    """`check_spec` first (the caller, before it builds `net`)."""
+    lengths = sorted(spec.lengths)
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))  # exports and the HF copy of the weights
     hf: _HF | None = None
     try:
