@@ -72,6 +72,8 @@ def test_expected_failures_are_reported_as_skipped(tmp_path):
     assert report.ok and report.failed == 0
     missing = check_plugin("no-such-plugin", "static", registry=Registry())
     assert not missing.ok and missing.checks[0].id == "static.plugin_installed"
+    r = zoo("conformance", "wizardcoderr")  # on the command line a misspelt name is a usage error
+    assert r.returncode == 2 and "did you mean 'wizardcoder'" in r.stderr, r.stderr
 
 
 def test_pytest_plugin_reports_checks(pytester, tmp_path, monkeypatch):
