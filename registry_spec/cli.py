@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __spec_version__
+from .documents import read_mapping
 from .errors import InputError, SpecValidationError, ZooError
 
 GENERIC = ("convert", "preprocess", "train", "predict", "export", "eval", "bench", "serve")
@@ -94,19 +95,7 @@ def _read_spec_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"spec file {path!r} does not exist", "pass a YAML or JSON file with --spec")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() in {".yaml", ".yml"}:
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot parse spec file {path}: {exc}", "check its YAML/JSON syntax") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"spec file {path} must hold a mapping of field names to values", "see `zoo spec schema`")
-    return data
+    return read_mapping(p, "spec file")
 
 
 def build_spec(spec_cls: Any, args: argparse.Namespace) -> Any:

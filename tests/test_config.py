@@ -46,6 +46,29 @@ def test_bad_configs_are_named(tmp_path):
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(InputError, match="cannot parse"):
         load_config(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="holds a list, not a mapping"):
+        load_config(tmp_path / "c.json")
+
+
+def test_malformed_yaml_and_spec_files_exit_2_with_where(tmp_path):
+    """A run YAML, a model YAML and a --spec file with bad syntax: one clear error with the line (exit 2), from
+    the one reader of YAML / JSON documents (a run YAML used to escape with PyYAML's traceback, exit 1)."""
+    from conftest import zoo
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("runner_config:\n  epochs: [1\n")
+    r = zoo("train", "wizardcoder-tiny", "--config", str(bad), "--data", str(tmp_path / "d.mindrecord"),
+            "--output-dir", str(tmp_path / "out"))
+    assert r.returncode == 2 and f"cannot parse config file {bad}" in r.stderr and "(line 3, column 1)" in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("max_new_tokens: 4\nprompt: [a\n")
+    r = zoo("predict", "wizardcoder-tiny", "--spec", str(spec))
+    assert r.returncode == 2 and f"cannot parse spec file {spec}" in r.stderr and "YAML syntax" in r.stderr
+    spec.write_text("- a list\n")
+    r = zoo("predict", "wizardcoder-tiny", "--spec", str(spec))
+    assert r.returncode == 2 and "not a mapping" in r.stderr
 
 
 def test_hf_round_trip_of_config():

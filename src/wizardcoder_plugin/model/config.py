@@ -5,12 +5,12 @@ Pure Python (pydantic only): the cards and the CLI read it without importing any
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from registry_spec.documents import YAML_SUFFIXES, read_mapping
 from registry_spec.errors import InputError
 
 Activation = Literal["gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu"]
@@ -188,21 +188,11 @@ def load_config(path: str | Path) -> GPTBigCodeConfig:
         p = p / "config.json"
     if not p.is_file():
         raise InputError(f"config file {p} does not exist", "pass an HF config.json or a mindformers YAML")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() in {".yaml", ".yml"}:
-            import yaml
-
-            doc = yaml.safe_load(text) or {}
-            mc = (doc.get("model") or {}).get("model_config") if isinstance(doc, dict) else None
-            return from_mindformers_dict(mc if mc is not None else doc, str(p))
-        return from_hf_dict(json.loads(text), str(p))
-    except (json.JSONDecodeError, ImportError) as exc:
-        raise InputError(f"cannot parse {p}: {exc}", "check the file's syntax") from exc
-    except Exception as exc:  # yaml errors
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"cannot parse {p}: {exc}", "check the file's syntax") from exc
+    doc = read_mapping(p, "config file")
+    if p.suffix.lower() in YAML_SUFFIXES:  # a run YAML holds the model's under model.model_config
+        mc = (doc.get("model") or {}).get("model_config")
+        return from_mindformers_dict(mc if mc is not None else doc, str(p))
+    return from_hf_dict(doc, str(p))
 
 
 def resolve_config(model: str, config_path: str | Path | None = None) -> GPTBigCodeConfig:

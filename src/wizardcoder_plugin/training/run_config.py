@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import Field, PositiveInt
 
+from registry_spec.documents import YAML_SUFFIXES, read_mapping
 from registry_spec.errors import InputError
 from registry_spec.specs import ParallelSpec, TrainSpec
 
@@ -60,12 +61,10 @@ def _get(doc: dict, *path: str) -> Any:
 
 def run_yaml(path: Path | None) -> dict | None:
     """The parsed document when `path` is a mindformers run YAML (not a bare model config), else None."""
-    if path is None or path.suffix.lower() not in {".yaml", ".yml"} or not path.is_file():
+    if path is None or path.suffix.lower() not in YAML_SUFFIXES or not path.is_file():
         return None
-    import yaml
-
-    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    is_run = isinstance(doc, dict) and any(k in doc for k in ("runner_config", "optimizer", "lr_schedule", "trainer"))
+    doc = read_mapping(path, "config file")
+    is_run = any(k in doc for k in ("runner_config", "optimizer", "lr_schedule", "trainer"))
     return doc if is_run else None
 
 
