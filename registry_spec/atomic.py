@@ -31,7 +31,11 @@ def umask() -> int:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yields a temporary file path beside `path`; on success it replaces `path`, on failure it is removed."""
+    """Yields a temporary file path beside `path`; on success it replaces `path`, on failure it is removed. A
+    device or pipe (`--output /dev/stdout`) is yielded itself: it is written in place, never replaced."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import sys
 import types
@@ -300,9 +301,25 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        hint = _FIXABLE.get(exc.errno or 0)
+        if hint is None or args.debug:  # not the machine's state the user can change: a bug, with its traceback
+            raise
+        print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        print(f"hint: {hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# errors of the machine's state (disk, quota, permissions), reported like bad input, with what to change
+_SPACE = "free space there, or write the output to another filesystem"
+_FIXABLE = {errno.ENOSPC: _SPACE, errno.EDQUOT: _SPACE, errno.EFBIG: "the file size limit (ulimit -f) or the "
+            "filesystem cannot hold the output: raise the limit, or write it elsewhere",
+            errno.EACCES: "check the path's permissions, or write the output elsewhere",
+            errno.EPERM: "check the path's permissions, or write the output elsewhere",
+            errno.EROFS: "the filesystem is read-only: write the output elsewhere"}
 
 
 if __name__ == "__main__":

@@ -152,3 +152,24 @@ def test_wrong_shapes_are_refused_before_the_network_is_built(hf_tiny, monkeypat
     config = load_config(hf_tiny).model_copy(update={"n_embd": 128})
     with pytest.raises(InputError, match="do not match the model architecture"):
         build_model("custom", config, hf_tiny)
+
+
+def test_an_output_the_disk_cannot_hold_is_exit_2_and_leaves_nothing(hf_tiny, tmp_path):
+    """A write the machine refuses (here the file size limit, as a full disk or quota would): exit 2 with what to
+    change, no traceback, nothing under the output's name or beside it."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "registry_spec.cli", "convert", "wizardcoder-tiny", "--input",
+                        str(hf_tiny), "--output", str(out / "w.safetensors")], capture_output=True, text=True,
+                       preexec_fn=limit, timeout=300)
+    assert r.returncode == 2 and "error: File too large" in r.stderr and "ulimit -f" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and list(out.iterdir()) == []
+

@@ -236,6 +236,10 @@ def test_atomic_outputs_replace_only_earlier_outputs_and_get_ordinary_modes(tmp_
         assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "home" / "notes.txt").read_text() == "mine"
         assert (out / "graph").read_text() == "2"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "file", "home", "out", "run.sh"]
+        with atomic_path(Path("/dev/null")) as tmp:  # a device (--output /dev/stdout) is written, never replaced
+            assert tmp == Path("/dev/null")
+            tmp.write_text("x")
+        assert Path("/dev/null").is_char_device()
     finally:
         os.umask(mask)
 
