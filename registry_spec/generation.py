@@ -24,7 +24,9 @@ class Engine(Protocol):
 
     An engine may also have `join(cache, slots, ids, lengths, greedy) -> outputs`: prefill rows `ids` [k, T] into
     the rows `slots` [k] of a running cache, leaving the other rows as they are. With it a running batch takes new
-    rows between steps (continuous batching, `zoo serve`); without it new rows wait until the batch is empty."""
+    rows between steps (continuous batching, `zoo serve`); without it new rows wait until the batch is empty.
+    And `compile_seconds`, the time it has spent compiling or loading graphs so far: a row's `prefill_ms` leaves
+    it out (the first call of each shape compiles)."""
 
     # read-only properties, so that an engine may compute them or keep them as plain attributes
     @property
@@ -209,9 +211,7 @@ class Batch:
         for slot, row in enumerate(rows):
             ids[slot, : len(row.prompt)] = row.prompt
             lengths[slot] = len(row.prompt)
-        t0 = time.perf_counter()
-        out, self.cache = self.engine.prefill(ids, lengths, self.max_len, greedy, use_cache)
-        ms = (time.perf_counter() - t0) * 1e3
+        ms, (out, self.cache) = self._timed(self.engine.prefill, ids, lengths, self.max_len, greedy, use_cache)
         self.slots = [None] * self.size
         for slot, row in enumerate(rows):
             self._place(slot, row, out[slot], ms)
@@ -220,10 +220,16 @@ class Batch:
         slot = self.slots.index(None)
         ids = np.full((1, self._prompt_len([row])), self.pad, dtype=np.int32)
         ids[0, : len(row.prompt)] = row.prompt
+        ms, out = self._timed(self.engine.join, self.cache, np.array([slot], dtype=np.int32),  # type: ignore
+                              ids, np.array([len(row.prompt)], dtype=np.int32), not row.needs_logits())
+        self._place(slot, row, out[0], ms)
+
+    def _timed(self, call: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+        """(milliseconds, result) of `call`, without the graph compiling or loading the engine says it did."""
+        compiled = getattr(self.engine, "compile_seconds", 0.0)
         t0 = time.perf_counter()
-        out = self.engine.join(self.cache, np.array([slot], dtype=np.int32), ids,  # type: ignore[attr-defined]
-                               np.array([len(row.prompt)], dtype=np.int32), not row.needs_logits())
-        self._place(slot, row, out[0], (time.perf_counter() - t0) * 1e3)
+        result = call(*args)
+        return (time.perf_counter() - t0 - (getattr(self.engine, "compile_seconds", 0.0) - compiled)) * 1e3, result
 
     def _place(self, slot: int, row: Row, out: Any, ms: float) -> None:
         row.pending, row.position, row.prefill_ms = out, len(row.prompt), ms

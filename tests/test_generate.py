@@ -303,3 +303,38 @@ def test_streamed_text_holds_back_what_may_begin_a_stop_string():
     assert run("abcEN") == ("abc", "abcEN")  # "EN" may have begun "END": held until the row ends
     assert run("abcENX") == ("abcENX", "abcENX")
     assert run("abcEND") == ("abc", "abc")
+
+
+def test_prefill_ms_leaves_out_the_graph_compile_the_engine_reports(generator):
+    """An engine that says it spent time compiling (`compile_seconds`): the host loop's prefill_ms leaves it out;
+    the online engine counts its compiles (a new prompt-length bucket compiles once)."""
+    import time
+
+    from registry_spec.generation import generate
+
+    class Compiling:  # the online engine, plus 0.2 s of "compiling" per prefill
+        def __init__(self, inner: Generator) -> None:
+            self.inner, self.slept = inner, 0.0
+            self.context_length, self.max_batch = inner.context_length, inner.max_batch
+            self.fixed_batch = self.fixed_length = None
+
+        @property
+        def compile_seconds(self) -> float:
+            return self.slept + self.inner.compile_seconds
+
+        def prefill(self, *args):
+            time.sleep(0.2)
+            self.slept += 0.2
+            return self.inner.prefill(*args)
+
+        def step(self, *args):
+            return self.inner.step(*args)
+
+    generator.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=2))  # the graphs of this shape, warm
+    out = generate(Compiling(generator), [[5, 6, 7]], GenerationConfig(max_new_tokens=2), generator.eos,
+                   generator.pad)
+    assert out[0].prefill_ms < 100, out[0].prefill_ms  # not the 200 ms it said it compiled
+    before = generator.compile_seconds
+    generator.generate([list(range(1, 100))], GenerationConfig(max_new_tokens=1))  # a prompt-length bucket of 128
+    assert generator.compile_seconds > before
+

@@ -5,6 +5,7 @@ selection, bucket sizes and the loop itself are the host's (`registry_spec.gener
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -110,12 +111,15 @@ class Generator:
     def _compile(self, cell: PrefillCell | DecodeCell, args: tuple) -> None:
         from ..model.compile_cache import compile_cell
 
+        t0 = time.perf_counter()
         compile_cell(cell, args, {"config": self.config.model_dump(), "precision": self.model.precision,
                                   "native": self.selection.compile_key(cell)})
+        self.compile_seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------- the Engine protocol
     fixed_batch: int | None = None
     fixed_length: int | None = None
+    compile_seconds: float = 0.0  # the prefill and step graphs' compiling or loading (not in a row's prefill_ms)
 
     @property
     def context_length(self) -> int:
