@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import errno
 import json
+import signal
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -289,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    # a scheduler's or container's stop (SIGTERM) unwinds like Ctrl-C: `zoo train` saves a checkpoint, temporary
+    # outputs are removed; `zoo serve` installs its own (uvicorn's graceful drain)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         from .registry import Registry
 
@@ -308,9 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         print(f"hint: {hint}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that the same cleanup runs."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 # errors of the machine's state (disk, quota, permissions), reported like bad input, with what to change

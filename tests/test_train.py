@@ -251,6 +251,30 @@ def test_sigkill_during_training_leaves_a_resumable_checkpoint(tmp_path, hf_tiny
     assert not list((tmp_path / "run").glob(".checkpoint-*"))  # the torn save was cleaned up
 
 
+def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resume_finishes(tmp_path, hf_tiny):
+    """A scheduler's stop (SIGTERM, as Slurm or Kubernetes send before SIGKILL) is Ctrl-C: the step reached is
+    saved, the exit status is 128 + 15, and --resume ends where an uninterrupted run does."""
+    import signal
+    import time
+
+    data = mindrecord(tmp_path / "d.mindrecord", make_rows(64, 17, seed=7))
+    args = ["train", "wizardcoder-tiny", "--config", str(hf_tiny / "config.json"), "--weights", str(hf_tiny),
+            "--data", str(data), "--output-dir", str(tmp_path / "run"), "--max-steps", "400", "--batch-size", "2",
+            "--save-steps", "1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "registry_spec.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM and "terminated" in err, err
+    steps = len(metrics.read_text().splitlines())
+    assert [p.name for p in checkpoints(tmp_path / "run")] == [f"checkpoint-{steps}"], err
+    r = zoo(*[a if a != "400" else str(steps + 2) for a in args], "--resume", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["steps"] == steps + 2, r.stderr
+
+
 def test_fp16_trains_with_dynamic_loss_scale(tmp_path, hf_tiny):
     data = mindrecord(tmp_path / "d.mindrecord", make_rows(8, 17, seed=4))
     s = TrainSettings(data=data, mode="finetune", output_dir=tmp_path / "o", weights=hf_tiny, max_steps=4,
