@@ -4,7 +4,7 @@ It knows no model family and imports no ML framework: plugins register model car
 tokenizer, model, converter, exporter, task, dataset), and the generic commands compose them.
 """
 
-__spec_version__ = "2.0.0"
+__spec_version__ = "2.0.1"
 
 from .errors import (  # noqa: E402
     AmbiguousComponentError,

@@ -305,7 +305,8 @@ class ServeSpec(_WeightsSpec):
     max_queue: PositiveInt = Field(64, description="requests waiting for a slot; more are answered 429")
     seq_length: PositiveInt | None = Field(None, description="tokens a request may hold, prompt and completion "
                                            "(default: the model's context)")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 routes")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health "
+                                "and /metrics (default: $ZOO_API_KEY)")
     shutdown_timeout: float = Field(10.0, gt=0, description="seconds in-flight requests get to finish on SIGTERM")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 

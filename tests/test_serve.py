@@ -295,6 +295,17 @@ def test_a_client_gone_before_a_plain_completion_ends_frees_its_row(server):
     assert after["completed"] == before["completed"]
 
 
+def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
+    from registry_spec.serving.server import api_key
+    from registry_spec.specs import ServeSpec
+
+    monkeypatch.delenv("ZOO_API_KEY", raising=False)
+    assert api_key(ServeSpec(model="m")) is None
+    monkeypatch.setenv("ZOO_API_KEY", "from-env")  # kept out of `ps`, as VLLM_API_KEY is
+    assert api_key(ServeSpec(model="m")) == "from-env"
+    assert api_key(ServeSpec(model="m", api_key="flag")) == "flag"
+
+
 def test_full_queue_is_429_and_sigterm_finishes_in_flight_requests(tmp_path):
     from conftest import make_hf_checkpoint
 

@@ -4,6 +4,7 @@ uvicorn. SIGTERM or Ctrl-C: stop accepting (new requests get 503), let in-flight
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -37,6 +38,11 @@ class _Server(uvicorn.Server):
             self._captured_signals.clear()
 
 
+def api_key(spec: ServeSpec) -> str | None:
+    """`--api-key`, else `$ZOO_API_KEY` (as vLLM reads `VLLM_API_KEY`: a key on the command line shows in `ps`)."""
+    return spec.api_key or os.environ.get("ZOO_API_KEY") or None
+
+
 def serve(h: ModelHandle, spec: ServeSpec) -> ServeResult:
     engine, tok = h.generator(PredictSpec(
         model=spec.model, weights=spec.weights, config=spec.config, tokenizer=spec.tokenizer,
@@ -52,7 +58,7 @@ def serve(h: ModelHandle, spec: ServeSpec) -> ServeResult:
     card = h.card
     state = ServeState(model=card.name, names={card.name, *card.aliases, f"{h.plugin}:{card.name}"}, owner=h.plugin,
                        tokenizer=tok, scheduler=scheduler, max_len=max_len, format_chat=h.format_chat,
-                       format_infill=h.format_infill, api_key=spec.api_key, created=int(time.time()),
+                       format_infill=h.format_infill, api_key=api_key(spec), created=int(time.time()),
                        metrics=ServeMetrics(card.name, scheduler.load))
     mode = "continuous batching" if scheduler.continuous else "static batches (the engine cannot join rows)"
     print(f"zoo serve: {card.name} ({spec.backend}) ready in {time.perf_counter() - t0:.1f} s on "
