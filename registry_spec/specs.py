@@ -155,8 +155,8 @@ class TrainSpec(_WeightsSpec):
     data: Path | None = Field(None, description="the output of `zoo preprocess` (or the config file's dataset)")
     mode: Literal["pretrain", "finetune"] = "finetune"
     output_dir: OutputDir
-    max_steps: PositiveInt | None = None
-    epochs: PositiveInt | None = None
+    max_steps: PositiveInt | None = Field(None, description="optimizer steps; wins over epochs, as in HF's Trainer")
+    epochs: PositiveInt | None = Field(None, description="passes over the data (default 1) when max_steps is unset")
     batch_size: PositiveInt = 8
     seq_length: PositiveInt | None = None
     learning_rate: float = Field(2e-5, gt=0)

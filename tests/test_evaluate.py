@@ -164,6 +164,8 @@ def _tiny_generator():
 def test_bad_eval_inputs(tmp_path):
     with pytest.raises(InputError, match="index must be in 0..1"):
         run_eval(EvalSpec(model="m", task="mbpp", shard="2/2", output_dir=tmp_path), lambda: None)
+    with pytest.raises(InputError, match="number of shards must be at least 1"):
+        run_eval(EvalSpec(model="m", task="mbpp", shard="0/0", output_dir=tmp_path), lambda: None)
     with pytest.raises(InputError, match="not found"):
         run_eval(EvalSpec(model="m", task="mbpp", data=Path("/nope.jsonl")), lambda: None)
     with pytest.raises(InputError, match="not a finished eval folder"):

@@ -155,6 +155,9 @@ def test_cli_export_and_predict(tmp_path):
         r = zoo("export", "wizardcoder-tiny", "--backend", "onnx", "--output-dir", str(target))
         assert r.returncode == 2 and str(target) in r.stderr and says in r.stderr, r.stderr
     assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
+    r = zoo("export", "wizardcoder-tiny", "--backend", "onnx", "--output-dir", str(tmp_path / "long"),
+            "--weights", str(tmp_path / "none"), "--seq-length", "100000")
+    assert r.returncode == 2 and "exceeds the model's 512 positions" in r.stderr, r.stderr  # before the weights
     shutil.rmtree(out)
 
 

@@ -180,12 +180,13 @@ class Exporter:
         """`network`: the spec's weights already loaded (`zoo bench` exports one network per batch size)."""
         from registry_spec.atomic import check_replaceable
 
-        from .export.writer import earlier_export, run_export
+        from .export.writer import check_length, earlier_export, run_export
         from .model.memory import check_inference, weight_bytes
         from .model.runtime import build_model, find_weights
 
         check_replaceable(spec.output_dir, earlier_export)  # before the weights load
         config = model.config(spec.config)
+        check_length(spec, config)
         tok = model.tokenizer(spec.tokenizer, spec.weights)
         # exporting serializes the weights once more
         check_inference(config, spec.precision, 1, "zoo export",

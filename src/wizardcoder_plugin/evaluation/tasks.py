@@ -101,6 +101,8 @@ def shard(problems: list[Problem], spec: str | None) -> list[Problem]:
     if not spec:
         return problems
     i, n = (int(x) for x in spec.split("/"))
+    if n < 1:
+        raise InputError(f"--shard {spec}: the number of shards must be at least 1", "e.g. --shard 0/4")
     if not 0 <= i < n:
         raise InputError(f"--shard {spec}: the index must be in 0..{n - 1}", "e.g. --shard 0/4 ... --shard 3/4")
     return problems[i::n]

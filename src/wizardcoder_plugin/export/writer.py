@@ -109,6 +109,13 @@ def earlier_export(folder: Path) -> bool:
     return {p.name for p in folder.iterdir()} <= named
 
 
+def check_length(spec: ExportSpec, config: GPTBigCodeConfig) -> None:
+    seq = spec.seq_length or config.seq_length
+    if seq > config.n_positions:
+        raise InputError(f"--seq-length {seq} exceeds the model's {config.n_positions} positions",
+                         f"use at most {config.n_positions}")
+
+
 def run_export(spec: ExportSpec, model: GPTBigCodeForCausalLM, config: GPTBigCodeConfig,
                tokenizer: WizardCoderTokenizer, source: Path | None, seed: int = 0) -> ExportResult:
     import mindspore as ms
@@ -125,10 +132,8 @@ def run_export(spec: ExportSpec, model: GPTBigCodeForCausalLM, config: GPTBigCod
         from .lite_runtime import LiteWorker
 
         worker = LiteWorker()  # fails early, before any graph is built, when the runtime is missing
+    check_length(spec, config)
     seq = spec.seq_length or config.seq_length
-    if seq > config.n_positions:
-        raise InputError(f"--seq-length {seq} exceeds the model's {config.n_positions} positions",
-                         f"use at most {config.n_positions}")
     try:
         cells = {"prefill": PrefillGraph, "decode": DecodeGraph, "full": FullGraph}
         graphs = {}
