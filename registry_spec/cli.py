@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except OSError as exc:
         hint = _FIXABLE.get(exc.errno or 0)
+        if exc.errno in (errno.EACCES, errno.EPERM) and not exc.filename:
+            hint = None  # not about a path (a refused system call): a bug or a sandbox matter, with its traceback
         if hint is None or args.debug:  # not the machine's state the user can change: a bug, with its traceback
             raise
         print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
