@@ -564,3 +564,11 @@ def test_head_probe_times_a_large_head_on_one_instance(large, tmp_path, monkeypa
     assert winner in ("native", "tied")
     assert choices.head_layout(net, 1, ["native", "tied"], native_kernels(), lambda: None) == winner
     assert len(seen) == 1  # cached: not timed again
+
+
+def test_a_thread_count_that_is_not_one_is_refused_not_ignored(monkeypatch):
+    """The pool would silently fall back to every CPU on ZOO_KERNEL_THREADS=abc or 0."""
+    for bad in ("abc", "0", "-2", "1.5"):
+        monkeypatch.setenv("ZOO_KERNEL_THREADS", bad)
+        with pytest.raises(InputError, match="not a positive whole number"):
+            kernels._build_and_wrap()

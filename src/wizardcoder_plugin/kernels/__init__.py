@@ -31,6 +31,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from registry_spec.errors import InputError
+
 SOURCE_DIR = Path(__file__).with_name("native")
 SOURCES = tuple(sorted(SOURCE_DIR.glob("*.cc")))
 COMPILE_FLAGS = ("-O3", "-fPIC", "-std=c++17", "-pthread")
@@ -183,6 +185,10 @@ def _load() -> NativeKernels | KernelUnavailable:
 def _build_and_wrap() -> NativeKernels:
     if os.environ.get("ZOO_NATIVE_KERNELS", "1") == "0":
         raise KernelUnavailable("disabled by ZOO_NATIVE_KERNELS=0")
+    threads = os.environ.get("ZOO_KERNEL_THREADS")
+    if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):  # the pool would ignore it
+        raise InputError(f"ZOO_KERNEL_THREADS={threads!r} is not a positive whole number",
+                         "set it to the kernels' thread count (e.g. 2), or unset it for the CPUs this process may use")
     for started in _prebuild:
         started.join()
     library = build()
