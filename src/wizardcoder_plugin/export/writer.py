@@ -119,6 +119,7 @@ def check_length(spec: ExportSpec, config: GPTBigCodeConfig) -> None:
 def run_export(spec: ExportSpec, model: GPTBigCodeForCausalLM, config: GPTBigCodeConfig,
                tokenizer: WizardCoderTokenizer, source: Path | None, seed: int = 0) -> ExportResult:
     import mindspore as ms
+    from tqdm import tqdm
 
     from .graphs import DecodeGraph, FullGraph, PrefillGraph, example_inputs
 
@@ -138,7 +139,9 @@ def run_export(spec: ExportSpec, model: GPTBigCodeForCausalLM, config: GPTBigCod
         cells = {"prefill": PrefillGraph, "decode": DecodeGraph, "full": FullGraph}
         graphs = {}
         with atomic_dir(spec.output_dir, earlier_export) as tmp:
-            for graph in GRAPHS[spec.mode]:
+            # at 15B each graph takes minutes to trace and serialize: a bar on a terminal (none when piped)
+            for graph in tqdm(GRAPHS[spec.mode], desc=f"export {spec.backend}", unit="graph", leave=False,
+                              disable=None):
                 cell = cells[graph](model)
                 inputs = example_inputs(config, graph, spec.batch_size, seq)
                 fmt = "MINDIR" if spec.backend == "mindir" or (spec.backend == "lite" and worker is None) else "ONNX"
