@@ -88,3 +88,12 @@ def test_missing_files_list_every_path(tmp_path):
     with pytest.raises(WeightsUnavailableError) as exc:
         WizardCoderTokenizer.from_pretrained(tmp_path)
     assert "merges.txt" in str(exc.value) and "tokenizer.json" in str(exc.value)
+
+
+def test_a_model_with_no_checkpoint_given_says_to_pass_its_weights(tmp_path):
+    """wizardcoder-15b with neither --weights nor a default folder: the tokenizer is missing because the checkpoint
+    is, and the hint says so (exit 2, before anything loads)."""
+    from conftest import zoo
+
+    r = zoo("predict", "wizardcoder-15b", "--prompt", "x", env={"HOME": str(tmp_path), "ZOO_WEIGHTS_DIR": ""})
+    assert r.returncode == 2 and "pass --weights with the wizardcoder-15b checkpoint folder" in r.stderr, r.stderr

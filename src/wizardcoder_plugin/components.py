@@ -56,9 +56,12 @@ class Tokenizer:
                 return WizardCoderTokenizer.from_pretrained(c)
         if model.name == "wizardcoder-tiny":
             return WizardCoderTokenizer.from_pretrained(BUNDLED_TOKENIZER)
+        hint = "pass --tokenizer DIR with your checkpoint's tokenizer files"
+        if weights is None:  # the usual cause: no checkpoint given at all, and its folder holds the tokenizer
+            hint = (f"pass --weights with the {model.name} checkpoint folder (an HF download holds its "
+                    "tokenizer.json), or " + hint.removeprefix("pass "))
         raise WeightsUnavailableError("tokenizer files (tokenizer.json or vocab.json + merges.txt)",
-                                      [str(c) for c in candidates if c is not None],
-                                      "pass --tokenizer DIR with your checkpoint's tokenizer files")
+                                      [str(c) for c in candidates if c is not None], hint)
 
     def format_prompt(self, text: str, template: str, extra: str = "") -> str:
         from .text.templates import apply_template
