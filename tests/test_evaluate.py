@@ -166,6 +166,14 @@ def test_bad_eval_inputs(tmp_path):
         run_eval(EvalSpec(model="m", task="mbpp", shard="2/2", output_dir=tmp_path), lambda: None)
     with pytest.raises(InputError, match="number of shards must be at least 1"):
         run_eval(EvalSpec(model="m", task="mbpp", shard="0/0", output_dir=tmp_path), lambda: None)
+    from wizardcoder_plugin.evaluation.tasks import canonical_id
+
+    assert [canonical_id("mbpp", x) for x in (11, "11", "Mbpp/11")] == ["Mbpp/11"] * 3
+    assert canonical_id("humaneval", "humaneval/3") == "HumanEval/3"
+    with pytest.raises(InputError, match="pass --task humaneval"):  # was renumbered into Mbpp/0
+        canonical_id("mbpp", "HumanEval/0")
+    with pytest.raises(InputError, match="not a humaneval task id"):
+        canonical_id("humaneval", "Other/3")
     with pytest.raises(InputError, match="not found"):
         run_eval(EvalSpec(model="m", task="mbpp", data=Path("/nope.jsonl")), lambda: None)
     with pytest.raises(InputError, match="not a finished eval folder"):

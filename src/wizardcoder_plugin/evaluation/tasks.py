@@ -80,7 +80,11 @@ def canonical_id(task: str, raw: object) -> str:
     """11, "11", "Mbpp/11" -> "Mbpp/11"; 0, "HumanEval/0" -> "HumanEval/0"."""
     text = str(raw)
     prefix = "Mbpp/" if task == "mbpp" else "HumanEval/"
-    tail = text.split("/", 1)[1] if "/" in text else text
+    head, _, tail = text.rpartition("/")
+    if head and head.lower() != prefix[:-1].lower():  # another dataset's id: never renumbered into this one's
+        known = head.lower() in ("mbpp", "humaneval")
+        raise InputError(f"task id {raw!r} is not a {task} task id",
+                         f"pass --task {head.lower()}" if known else f"use ids like {prefix}11 or 11")
     if not tail.isdigit():
         raise InputError(f"task id {raw!r} is not a {task} task id", f"use ids like {prefix}11 or 11")
     return prefix + str(int(tail))
