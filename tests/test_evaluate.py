@@ -141,6 +141,14 @@ def test_generation_resumes_shards_and_merges(tmp_path):
     assert json.loads(r.stdout)["n_problems"] == 4
     r = zoo("eval", "wizardcoder-tiny", "--task", "mbpp", "--merge", f"{tmp_path / 's0'},{a}")
     assert r.returncode != 0 and "more than one shard" in r.stderr
+    # a shard generated with other settings would make the merged pass@k no one run's
+    import shutil
+
+    shutil.copytree(tmp_path / "s1", tmp_path / "s1b")
+    meta = tmp_path / "s1b" / "run.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"max_length": 300}))
+    r = zoo("eval", "wizardcoder-tiny", "--task", "mbpp", "--merge", f"{tmp_path / 's0'},{tmp_path / 's1b'}")
+    assert r.returncode == 2 and "other settings" in r.stderr and "(max_length)" in r.stderr, r.stderr
 
 
 @pytest.mark.slow

@@ -236,8 +236,10 @@ def finish(task: str, results: list[dict], out: Path | None, extra: dict) -> Eva
 
 
 def merge(task: str, dirs: list[Path]) -> EvalResult:
-    """Combine shard folders into one summary (refusing overlaps or mixed tasks)."""
+    """Combine shard folders into one summary (refusing overlaps, mixed tasks, or shards generated with different
+    settings: their pass@k would not be one run's)."""
     results: dict[str, dict] = {}
+    first: tuple[Path, dict] | None = None
     for d in dirs:
         summary, res = d / "summary.json", d / "results.jsonl"
         if not summary.is_file() or not res.is_file():
@@ -246,6 +248,14 @@ def merge(task: str, dirs: list[Path]) -> EvalResult:
         shard_task = json.loads(summary.read_text())["task"]
         if shard_task != task:
             raise InputError(f"{d} holds task {shard_task!r}, not {task!r}", f"pass --task {shard_task}")
+        if (d / "run.json").is_file():  # absent where the generations were loaded, not made
+            settings = {k: v for k, v in json.loads((d / "run.json").read_text()).items() if k != "shard"}
+            if first is None:
+                first = (d, settings)
+            elif settings != first[1]:
+                differ = sorted(k for k in settings.keys() | first[1].keys() if settings.get(k) != first[1].get(k))
+                raise InputError(f"{d} was generated with other settings than {first[0]} ({', '.join(differ)})",
+                                 "merge the shards of one run: the same model, weights and generation settings")
         for line in res.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             if row["task_id"] in results:
