@@ -42,3 +42,17 @@ def test_bench_against_hf(tmp_path, hf_tiny):
     assert bad.returncode != 0 and "must exceed --prompt-length" in bad.stderr
     bad = zoo("bench", "wizardcoder-tiny", "--weights", str(tmp_path / "none"), "--backends", "online,nosuch")
     assert bad.returncode == 2 and "no exporter 'nosuch'" in bad.stderr, bad.stderr  # before the weights load
+
+
+def test_compare_hf_without_the_reference_installed_is_refused_before_the_weights(monkeypatch):
+    import importlib.util
+
+    from registry_spec.errors import BackendUnavailableError
+    from registry_spec.specs import BenchSpec
+    from wizardcoder_plugin.generation import bench
+    from wizardcoder_plugin.model.config import PRESETS
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(BackendUnavailableError, match="torch / transformers are not installed"):
+        bench.check_spec(BenchSpec(model="wizardcoder-tiny", compare=["hf"]), None, PRESETS["wizardcoder-tiny"])

@@ -64,13 +64,9 @@ class _HF:
     beside it). Runs stay interleaved in time with ours, on the same machine, prompts and weights."""
 
     def __init__(self, hf_dir: Path) -> None:
-        import importlib.util
         import multiprocessing as mp
 
-        # fail here, with the fix, rather than in the worker; find_spec: torch is not imported into this process
-        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
-            raise BackendUnavailableError("hf-transformers", "torch / transformers are not installed",
-                                          "pip install 'wizardcoder-plugin[test]'")
+        _check_hf_installed()
         ctx = mp.get_context("spawn")  # a fresh interpreter: no MindSpore state in the reference's process
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_hf_worker, args=(str(hf_dir), child, reference_threads()), daemon=True)
@@ -224,6 +220,15 @@ def plot(rows: list[BenchRow], path: Path) -> bool:
     return True
 
 
+def _check_hf_installed() -> None:
+    """Fail with the fix, not in the worker; find_spec: torch is not imported into this process."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        raise BackendUnavailableError("hf-transformers", "torch / transformers are not installed",
+                                      "pip install 'wizardcoder-plugin[test]'")
+
+
 def check_spec(spec: BenchSpec, model: Any, config: Any) -> None:
     """The spec's lengths, comparison engines and backends, refused before the weights load."""
     lengths = sorted(spec.lengths)
@@ -236,6 +241,8 @@ def check_spec(spec: BenchSpec, model: Any, config: Any) -> None:
     unknown = [c for c in spec.compare if c != "hf"]
     if unknown:
         raise InputError(f"unknown --compare engine(s) {unknown}", "use --compare hf")
+    if "hf" in spec.compare:
+        _check_hf_installed()
     for backend in spec.backends:
         if backend != "online":
             model.resolve("exporter", backend)  # an unknown one: the error lists the registered exporters
