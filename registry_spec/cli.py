@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __spec_version__
 from .documents import read_mapping
-from .errors import InputError, SpecValidationError, ZooError
+from .errors import InputError, SpecValidationError, ZooError, close_matches
 
 GENERIC = ("convert", "preprocess", "train", "predict", "export", "eval", "bench", "serve")
 HELP = {
@@ -229,15 +229,12 @@ def _print_human(command: str, payload: dict[str, Any]) -> None:
 
 
 def cmd_conformance(args: argparse.Namespace, registry: Any) -> int:
-    import difflib
-
     from conformance import check_plugin
 
     if args.plugin not in registry.plugins:  # a usage error (exit 2), not a failed check
-        close = difflib.get_close_matches(args.plugin, list(registry.plugins), n=1)
+        _, hint = close_matches(args.plugin, registry.plugins, n=1)
         raise InputError(f"no plugin {args.plugin!r} is installed",
-                         (f"did you mean {close[0]!r}? " if close else "") +
-                         f"installed: {', '.join(sorted(registry.plugins)) or 'none'} (`zoo plugins`)")
+                         f"{hint} installed: {', '.join(sorted(registry.plugins)) or 'none'} (`zoo plugins`)".strip())
     with contextlib.redirect_stdout(sys.stderr):  # progress of smoke checks must not corrupt --json
         report = check_plugin(args.plugin, tier=args.tier, registry=registry)
     if args.json:

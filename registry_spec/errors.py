@@ -19,13 +19,22 @@ class ZooError(Exception):
         return f"{self.message}\nhint: {self.hint}" if self.hint else self.message
 
 
+def close_matches(name: str, known: Iterable[str], n: int = 3) -> tuple[list[str], str]:
+    """The known names close to a misspelt `name`, and the "did you mean ...?" that offers them ("" for none)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(set(known)), n=n, cutoff=0.6)
+    return close, f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def validator_message(msg: str) -> str:
+    """A pydantic error's text without the "Value error, " it puts before a validator's own message."""
+    return msg.removeprefix("Value error, ")
+
+
 class ModelNotFoundError(ZooError):
     def __init__(self, name: str, known: Iterable[str]) -> None:
-        import difflib
-
-        known = sorted(set(known))
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        close, hint = close_matches(name, known)
         listing = "run `zoo models` to list the available models"
         super().__init__(f"unknown model {name!r}", f"{hint} {listing}".strip())
         self.name = name
@@ -57,8 +66,7 @@ class SpecValidationError(ZooError):
 
     @classmethod
     def from_pydantic(cls, spec_name: str, exc: Exception) -> SpecValidationError:
-        # a validator's own message without pydantic's "Value error, " in front
-        problems = [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, "))
+        problems = [(".".join(str(p) for p in e["loc"]), validator_message(e["msg"]))
                     for e in exc.errors()]  # type: ignore[attr-defined]
         return cls(spec_name, problems)
 

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..components import Tokenizer
-from ..errors import ZooError
+from ..errors import ZooError, validator_message
 from ..generation import GenerationConfig, Row
 from ..predict import TextTracker
 from .metrics import CONTENT_TYPE, RequestTimer, ServeMetrics
@@ -78,7 +78,7 @@ def create_app(state: ServeState) -> FastAPI:
             return JSONResponse(APIError(400, "the body must be a JSON object, sent as application/json").body(),
                                 status_code=400)
         param = ".".join(loc)
-        msg = str(first.get("msg")).removeprefix("Value error, ")  # a validator's own message, as raised
+        msg = validator_message(str(first.get("msg")))
         message = f"{param}: {msg}" if param else msg
         return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 

@@ -82,6 +82,7 @@ class CompletionRequest(_Request):
         raise ValueError("a prompt is a text, a list of texts, a list of token ids or a list of token-id lists"
                          + (" (and not empty)" if v in ([], "") else ""))
 
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

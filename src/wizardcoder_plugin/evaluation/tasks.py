@@ -82,9 +82,9 @@ def canonical_id(task: str, raw: object) -> str:
     prefix = "Mbpp/" if task == "mbpp" else "HumanEval/"
     head, _, tail = text.rpartition("/")
     if head and head.lower() != prefix[:-1].lower():  # another dataset's id: never renumbered into this one's
-        known = head.lower() in ("mbpp", "humaneval")
         raise InputError(f"task id {raw!r} is not a {task} task id",
-                         f"pass --task {head.lower()}" if known else f"use ids like {prefix}11 or 11")
+                         f"pass --task {head.lower()}" if head.lower() in DEFAULT_DATA else
+                         f"use ids like {prefix}11 or 11")
     if not tail.isdigit():
         raise InputError(f"task id {raw!r} is not a {task} task id", f"use ids like {prefix}11 or 11")
     return prefix + str(int(tail))

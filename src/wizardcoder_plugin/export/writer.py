@@ -133,8 +133,7 @@ def run_export(spec: ExportSpec, model: GPTBigCodeForCausalLM, config: GPTBigCod
         from .lite_runtime import LiteWorker
 
         worker = LiteWorker()  # fails early, before any graph is built, when the runtime is missing
-    check_length(spec, config)
-    seq = spec.seq_length or config.seq_length
+    seq = spec.seq_length or config.seq_length  # checked by the caller (check_length), before the weights loaded
     try:
         cells = {"prefill": PrefillGraph, "decode": DecodeGraph, "full": FullGraph}
         graphs = {}
