@@ -1,5 +1,6 @@
-"""Reading and writing a real-size safetensors checkpoint: the `safetensors` library against this plugin's own reader
-and writer (`weights/safetensors_files.py`), and MindSpore's own loader; each case a fresh process timed from start
+"""Reading and writing a real-size safetensors checkpoint: the `safetensors` library's readers and writer against this
+plugin's (`weights/safetensors_files.py`: the library's header parser, then views of the file's pages; a streaming
+writer), and MindSpore's own loader; each case a fresh process timed from start
 to exit with its peak RSS and its peak private (anonymous) memory. Reading hands every tensor over as an array and
 reads each once (a sum), as a load followed by a first forward does; writing writes the same tensors as shards of at
 most 2 GB. The checkpoint is `startup.py`'s random 1B one (sharded fp32, 4.5 GB), created if missing; `--dtype bf16`

@@ -191,3 +191,45 @@ def test_bf16_checkpoint_loads_into_each_precision_as_torch_converts_it(tmp_path
         assert param.dtype == ms_dtype
         assert np.array_equal(param_tensor(param).read().view(want.view(bits).numpy().dtype),
                               want.view(bits).numpy()), ms_dtype
+
+
+def test_safetensors_layout_comes_from_the_library_and_tensors_map_the_file(tmp_path):
+    """Every dtype the loader takes, a zero-size tensor and names out of alphabetical order, written by the
+    library: each tensor read back equal, as a mapped view of the file where its offset is aligned."""
+    from safetensors.numpy import save_file
+
+    from wizardcoder_plugin.weights.safetensors_files import lazy_tensors
+
+    rng = np.random.default_rng(0)
+    want = {"z.w": rng.standard_normal((5, 3)).astype(np.float32), "a.b": rng.standard_normal(7).astype(np.float16),
+            "m.bf": rng.standard_normal((2, 9)).astype(ml_dtypes.bfloat16), "empty": np.zeros((0, 4), np.float32),
+            "ids": np.arange(6, dtype=np.int64).reshape(2, 3), "flags": np.array([True, False, True])}
+    path = tmp_path / "mixed.safetensors"
+    save_file(want, path)
+    got = dict(lazy_tensors(path))
+    assert set(got) == set(want)
+    for name, arr in want.items():
+        t = got[name]
+        assert t.shape == arr.shape and np.array_equal(t.read(), arr), name
+        if t.mapped is not None:
+            view = t.mapped()
+            assert isinstance(view, np.memmap) and np.array_equal(view, arr), name
+    assert got["z.w"].mapped is not None and got["empty"].mapped is None
+
+
+@pytest.mark.parametrize("damage", ["trailing bytes", "unsupported dtype"])
+def test_safetensors_files_the_loader_cannot_take_are_refused(tmp_path, damage):
+    from safetensors.numpy import save_file
+
+    from wizardcoder_plugin.weights.safetensors_files import lazy_tensors
+
+    path = tmp_path / "w.safetensors"
+    if damage == "trailing bytes":
+        save_file({"w": np.ones(4, np.float32)}, path)
+        path.write_bytes(path.read_bytes() + b"\0" * 8)
+        match = "not fully covered"
+    else:
+        save_file({"w": np.ones(4, np.uint16)}, path)
+        match = "unsupported dtype U16"
+    with pytest.raises(InputError, match=f"not a valid safetensors file: .*{match}"):
+        list(lazy_tensors(path))

@@ -1,11 +1,10 @@
-"""Safetensors files read tensor by tensor from their header and written streaming: one file, or HF's shards
-(`model-00001-of-00003.safetensors` + `model.safetensors.index.json`). Writing holds one tensor at a time, so the
-peak memory does not grow with the model.
+"""Safetensors files read through the `safetensors` library's header parser and mapped tensor by tensor, and
+written streaming: one file, or HF's shards (`model-00001-of-00003.safetensors` + `model.safetensors.index.json`).
 
-Not the `safetensors` library: its readers hand out a copy of each tensor (no view of the file's pages, which
-`weights.loading` maps into parameters without a copy) and its writers take every tensor at once (no bounded-
-memory conversion). MindSpore's own `load_checkpoint(format="safetensors")` maps the file and parses the header
-in Python the same way. The tests read this module's files with the library."""
+The library reads and checks each header (`safe_open`); the tensors are then views of the file's pages (what
+`weights.loading` maps into parameters without a copy), because the library's own readers hand out a copy of
+each tensor and do not expose the offsets (safetensors#569). Its writers take every tensor of a file at once, so
+writing is this module's: one tensor in memory at a time. The ratios are in benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -16,13 +15,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from registry_spec.errors import InputError
 
 from .tensors import NP_OF, LazyTensor, file_ranges, file_view
 
 INDEX = "model.safetensors.index.json"
-_MAX_HEADER = 100 * 2**20
 
 
 def _bad(path: Path, why: str) -> InputError:
@@ -30,46 +29,29 @@ def _bad(path: Path, why: str) -> InputError:
                       "re-download or re-convert the checkpoint (a partial copy is the usual cause)")
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """The header (name -> dtype, shape, data_offsets) and where the data starts, checked against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _bad(path, f"{size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise _bad(path, f"header length {n} exceeds the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _bad(path, f"header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise _bad(path, "header is not a JSON object")
-    data = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            a, b = info["data_offsets"]
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise _bad(path, f"tensor {name!r} has no dtype / shape / data_offsets") from None
+def read_layout(path: Path) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], int]:
+    """(name, dtype, shape, offset, nbytes) of each tensor in the file's order, and where the data starts."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            slices = [(name, f.get_slice(name)) for name in f.offset_keys()]
+            entries = [(name, s.get_dtype(), tuple(s.get_shape())) for name, s in slices]
+    except SafetensorError as exc:
+        raise _bad(path, str(exc).removeprefix("Error while deserializing header: ")) from None
+    layout, offset = [], 0
+    for name, dtype, shape in entries:
         if dtype not in NP_OF:
             raise _bad(path, f"tensor {name!r} has unsupported dtype {dtype}")
-        if not 0 <= a <= b <= data or b - a != int(np.prod(shape)) * np.dtype(NP_OF[dtype]).itemsize:
-            raise _bad(path, f"tensor {name!r}: offsets {a}..{b} do not fit its shape {shape} or the file")
-    return header, 8 + n
+        nbytes = int(np.prod(shape)) * np.dtype(NP_OF[dtype]).itemsize
+        layout.append((name, dtype, shape, offset, nbytes))
+        offset += nbytes  # the library refuses gaps, overlaps and trailing bytes: offsets are the sizes' sums
+    return layout, path.stat().st_size - offset
 
 
 def lazy_tensors(path: Path) -> Iterator[tuple[str, LazyTensor]]:
-    header, start = read_header(path)
-    for name, info in header.items():
-        if name != "__metadata__":
-            a, b = info["data_offsets"]
-            shape, dtype = tuple(info["shape"]), info["dtype"]
-            yield name, LazyTensor(shape, dtype, file_ranges(path, [(start + a, b - a)], shape, dtype),
-                                   file_view(path, start + a, shape, dtype) if b > a else None)
+    layout, start = read_layout(path)
+    for name, dtype, shape, offset, nbytes in layout:
+        yield name, LazyTensor(shape, dtype, file_ranges(path, [(start + offset, nbytes)], shape, dtype),
+                               file_view(path, start + offset, shape, dtype) if nbytes else None)
 
 
 def shard_files(index: Path) -> list[Path]:
