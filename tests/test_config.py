@@ -78,3 +78,23 @@ def test_hf_round_trip_of_config():
     back = from_hf_dict(cfg.to_hf_dict(), seq_length=cfg.seq_length)
     assert back == cfg
     assert isinstance(back, GPTBigCodeConfig)
+
+
+def test_architecture_is_config_then_the_weights_folder_then_the_card(hf_tiny, tmp_path):
+    """As HF's from_pretrained reads a folder's config.json: predict (via the engine) and train use it unless
+    --config is given; a checkpoint file or a folder without one leaves the card's preset."""
+    from registry_spec.specs import TrainSpec
+    from wizardcoder_plugin.model.config import config_file
+    from wizardcoder_plugin.training.run_config import resolve_train
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads((hf_tiny / "config.json").read_text()) | {"n_layer": 3}))
+    assert config_file(None, hf_tiny) == hf_tiny / "config.json"
+    assert config_file(other, hf_tiny) == other
+    assert config_file(None, hf_tiny / "model.safetensors") is None and config_file(None, tmp_path) is None
+    data = tmp_path / "d.mindrecord"
+    for weights, config, layers in ((hf_tiny, None, 2), (hf_tiny, other, 3), (hf_tiny / "model.safetensors", None,
+                                                                                PRESETS["wizardcoder-15b"].n_layer)):
+        spec = TrainSpec(model="wizardcoder-15b", data=data, mode="finetune", output_dir=tmp_path / "run",
+                         weights=weights, config=config)
+        assert resolve_train(spec, "wizardcoder-15b")[1].n_layer == layers

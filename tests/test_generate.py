@@ -237,8 +237,9 @@ def test_zoo_predict_on_hf_checkpoint(hf_tiny, hf_model, tmp_path):
     tok = WizardCoderTokenizer.from_pretrained(BUNDLED_TOKENIZER)
     tok.backend.save(str(hf_tiny / "tokenizer.json"))
     prompt = "def add(a, b):"
-    base = ["predict", "wizardcoder-tiny", "--weights", str(hf_tiny), "--config", str(hf_tiny / "config.json"),
-            "--tokenizer", str(hf_tiny), "--template", "none", "--max-new-tokens", "12"]
+    # no --config: the architecture is the folder's config.json, as from_pretrained reads it, not the card's 15B
+    base = ["predict", "wizardcoder-15b", "--weights", str(hf_tiny), "--tokenizer", str(hf_tiny),
+            "--template", "none", "--max-new-tokens", "12"]
     r = zoo(*base, "--prompt", prompt, "--prompt", "x = 1", "--json", "--output", str(tmp_path / "o.jsonl"))
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]

@@ -101,13 +101,15 @@ def test_training_plan_covers_a_measured_train(tmp_path_factory):
 
 def test_refused_under_zoo_memory_limit_before_reading_weights(hf_tiny, tmp_path):
     """The 1B network's plan (5.6 GiB at batch 8) does not fit 2 GB: refused before the checkpoint (of another shape) is
-    even opened, with the figures and the options."""
-    r = zoo("predict", "wizardcoder-1b", "--weights", str(hf_tiny), "--tokenizer", TOKENIZER, "--prompt", "x",
+    even opened, with the figures and the options. (The file, not its folder: the folder's config.json would be
+    the architecture.)"""
+    weights = str(hf_tiny / "model.safetensors")
+    r = zoo("predict", "wizardcoder-1b", "--weights", weights, "--tokenizer", TOKENIZER, "--prompt", "x",
             env={"ZOO_MEMORY_LIMIT": "2GB"})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "needs about 5.6" in r.stderr and "weights 4.24" in r.stderr and "$ZOO_MEMORY_LIMIT" in r.stderr
     assert "--precision fp16" in r.stderr and "--batch-size" in r.stderr
-    r = zoo("predict", "wizardcoder-15b", "--weights", str(hf_tiny), "--tokenizer", TOKENIZER, "--prompt", "x",
+    r = zoo("predict", "wizardcoder-15b", "--weights", weights, "--tokenizer", TOKENIZER, "--prompt", "x",
             "--precision", "fp16",
             env={"ZOO_MEMORY_LIMIT": "24GB"})
     assert r.returncode == 2 and "needs about 30" in r.stderr and "--precision fp16" not in r.stderr, r.stderr
@@ -148,7 +150,7 @@ def test_refused_inside_a_real_cgroup_limit(hf_tiny):
     try:
         limit.write_text(str(3 * GIB))
         cmd = (f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -m registry_spec.cli predict "
-               f"wizardcoder-1b --weights {hf_tiny} --tokenizer {TOKENIZER} --prompt x")
+               f"wizardcoder-1b --weights {hf_tiny / 'model.safetensors'} --tokenizer {TOKENIZER} --prompt x")
         env = {k: v for k, v in os.environ.items() if k != "ZOO_MEMORY_LIMIT"}
         r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, cwd=REPO, env=env)
         assert r.returncode == 2 and "the cgroup limit of 3.00 GiB" in r.stderr, r.stderr

@@ -40,6 +40,13 @@ class Config:
         return architecture.to_hf_dict() | {"seq_length": architecture.seq_length}
 
 
+def architecture(model: Any, config: Path | None, weights: Path | None) -> Any:
+    """`--config`, else the checkpoint folder's config.json, else the card's preset."""
+    from .model.config import config_file
+
+    return model.config(config_file(config, weights))
+
+
 class Tokenizer:
     """StarCoder's BPE: `--tokenizer`, else files beside the weights, else the bundled one (tiny only)."""
 
@@ -87,7 +94,7 @@ class Model:
         from .model.memory import check_inference
         from .model.runtime import build_model
 
-        config = model.config(spec.config)
+        config = architecture(model, spec.config, spec.weights)
         if tokenizer.vocab_size > config.vocab_size:
             raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{config.vocab_size}", "use the checkpoint's own tokenizer files")
@@ -110,7 +117,7 @@ class Model:
         from .weights import collect
         from .weights.tensors import as_dtype
 
-        cfg = model.config(config)
+        cfg = architecture(model, config, weights)
         source = find_weights(model.name, weights)
         if source is None:
             net = build_model(model.name, cfg, None)
@@ -122,7 +129,7 @@ class Model:
         from .model.memory import check_inference
         from .model.runtime import build_model, find_weights
 
-        config = model.config(spec.config)
+        config = architecture(model, spec.config, spec.weights)
         check_spec(spec, model, config)
         tok = model.tokenizer(None, spec.weights)
         check_inference(config, "fp32", max(spec.batch_sizes), "zoo bench")
@@ -163,11 +170,8 @@ class Converter:
     def convert(self, model: Any, spec: ConvertSpec) -> ConvertResult:
         from .weights import convert
 
-        config_path = spec.config
-        if config_path is None and spec.input.is_dir() and (spec.input / "config.json").is_file():
-            config_path = spec.input / "config.json"
-        return convert(spec.input, spec.output, model.config(config_path), to=self.target, dtype=spec.dtype,
-                       max_shard_size=spec.max_shard_size)
+        return convert(spec.input, spec.output, architecture(model, spec.config, spec.input), to=self.target,
+                       dtype=spec.dtype, max_shard_size=spec.max_shard_size)
 
 
 HF_TO_MS, MS_TO_HF = Converter("ms"), Converter("hf")
@@ -188,7 +192,7 @@ class Exporter:
         from .model.runtime import build_model, find_weights
 
         check_replaceable(spec.output_dir, earlier_export)  # before the weights load
-        config = model.config(spec.config)
+        config = architecture(model, spec.config, spec.weights)
         check_length(spec, config)
         tok = model.tokenizer(spec.tokenizer, spec.weights)
         # exporting serializes the weights once more

@@ -195,6 +195,14 @@ def load_config(path: str | Path) -> GPTBigCodeConfig:
     return from_hf_dict(doc, str(p))
 
 
+def config_file(config_path: str | Path | None, weights: str | Path | None) -> Path | None:
+    """`--config`, else the checkpoint folder's own config.json (what HF's `from_pretrained` reads), else None
+    (the card's preset)."""
+    if config_path is None and weights is not None and (Path(weights) / "config.json").is_file():
+        return Path(weights) / "config.json"
+    return None if config_path is None else Path(config_path)
+
+
 def resolve_config(model: str, config_path: str | Path | None = None) -> GPTBigCodeConfig:
     """The card's preset, unless `--config` names another architecture."""
     if config_path is not None:

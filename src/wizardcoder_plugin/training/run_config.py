@@ -15,7 +15,7 @@ from registry_spec.documents import YAML_SUFFIXES, read_mapping
 from registry_spec.errors import InputError
 from registry_spec.specs import ParallelSpec, TrainSpec
 
-from ..model.config import GPTBigCodeConfig, from_mindformers_dict, load_config, resolve_config
+from ..model.config import GPTBigCodeConfig, config_file, from_mindformers_dict, load_config, resolve_config
 
 
 class TrainSettings(TrainSpec):
@@ -155,8 +155,8 @@ def resolve_train(spec: TrainSpec, model: str) -> tuple[TrainSettings, GPTBigCod
         mc = _get(doc, "model", "model_config")
         if mc is not None:
             config = from_mindformers_dict(mc, str(spec.config))
-    elif spec.config is not None:
-        config = load_config(spec.config)
+    elif (path := config_file(spec.config, spec.weights)) is not None:
+        config = load_config(path)
     # flags given on the command line > the YAML > the spec's defaults
     merged = spec.model_dump(exclude_none=True) | yaml_values | spec.model_dump(include=spec.model_fields_set)
     if merged.get("data") is None:
