@@ -18,7 +18,7 @@ import numpy as np
 
 from registry_spec.errors import InputError
 
-from .tensors import NP_OF, LazyTensor, file_ranges
+from .tensors import NP_OF, LazyTensor, file_ranges, nbytes_of
 
 SLICE_BYTES = 512 * 2**20  # MindSpore's SLICE_SIZE (512 * 1024 KB)
 MS_TYPES = {"Float32": "F32", "Float16": "F16", "BFloat16": "BF16", "Float64": "F64", "Int64": "I64",
@@ -113,7 +113,7 @@ def lazy_tensors(path: Path) -> Iterator[tuple[str, LazyTensor]]:
         dtype = MS_TYPES.get(type_name)
         if dtype is None:
             continue  # strings and other non-numeric values (MindSpore's append_dict)
-        nbytes = int(np.prod(dims)) * np.dtype(NP_OF[dtype]).itemsize
+        nbytes = nbytes_of(dims, dtype)
         if sum(n for _, n in ranges) != nbytes:
             raise InputError(f"cannot read MindSpore checkpoint {path}: {tag} holds {sum(n for _, n in ranges)} "
                              f"bytes for a {type_name} tensor of shape {dims}", "the file is damaged")

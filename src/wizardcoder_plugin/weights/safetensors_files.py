@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from registry_spec.errors import InputError
 
-from .tensors import NP_OF, LazyTensor, file_ranges, file_view
+from .tensors import NP_OF, LazyTensor, file_ranges, file_view, nbytes_of
 
 INDEX = "model.safetensors.index.json"
 
@@ -29,29 +29,29 @@ def _bad(path: Path, why: str) -> InputError:
                       "re-download or re-convert the checkpoint (a partial copy is the usual cause)")
 
 
-def read_layout(path: Path) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], int]:
-    """(name, dtype, shape, offset, nbytes) of each tensor in the file's order, and where the data starts."""
+def _entries(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of each tensor in the file's order, as the library reads and checks the header."""
     try:
         with safe_open(path, framework="numpy") as f:
             slices = [(name, f.get_slice(name)) for name in f.offset_keys()]
             entries = [(name, s.get_dtype(), tuple(s.get_shape())) for name, s in slices]
     except SafetensorError as exc:
         raise _bad(path, str(exc).removeprefix("Error while deserializing header: ")) from None
-    layout, offset = [], 0
-    for name, dtype, shape in entries:
+    for name, dtype, _ in entries:
         if dtype not in NP_OF:
             raise _bad(path, f"tensor {name!r} has unsupported dtype {dtype}")
-        nbytes = int(np.prod(shape)) * np.dtype(NP_OF[dtype]).itemsize
-        layout.append((name, dtype, shape, offset, nbytes))
-        offset += nbytes  # the library refuses gaps, overlaps and trailing bytes: offsets are the sizes' sums
-    return layout, path.stat().st_size - offset
+    return entries
 
 
 def lazy_tensors(path: Path) -> Iterator[tuple[str, LazyTensor]]:
-    layout, start = read_layout(path)
-    for name, dtype, shape, offset, nbytes in layout:
-        yield name, LazyTensor(shape, dtype, file_ranges(path, [(start + offset, nbytes)], shape, dtype),
-                               file_view(path, start + offset, shape, dtype) if nbytes else None)
+    entries = _entries(path)
+    sizes = [nbytes_of(shape, dtype) for _, dtype, shape in entries]
+    # the library refuses gaps, overlaps and trailing bytes: the data is the file's last sum(sizes) bytes, in order
+    offset = path.stat().st_size - sum(sizes)
+    for (name, dtype, shape), nbytes in zip(entries, sizes, strict=True):
+        yield name, LazyTensor(shape, dtype, file_ranges(path, [(offset, nbytes)], shape, dtype),
+                               file_view(path, offset, shape, dtype) if nbytes else None)
+        offset += nbytes
 
 
 def shard_files(index: Path) -> list[Path]:

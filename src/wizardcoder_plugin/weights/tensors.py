@@ -33,13 +33,18 @@ class LazyTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(NP_OF[self.dtype]).itemsize
+        return nbytes_of(self.shape, self.dtype)
 
     def cast(self, dtype: str) -> LazyTensor:
         """The same tensor converted to a float dtype when read ('keep' or its own dtype: unchanged)."""
         if dtype in ("keep", self.dtype):
             return self
         return LazyTensor(self.shape, dtype, lambda: as_dtype(self.read(), self.dtype, dtype))
+
+
+def nbytes_of(shape: tuple[int, ...], dtype: str) -> int:
+    """The bytes a tensor of `shape` in the safetensors `dtype` takes."""
+    return math.prod(shape) * np.dtype(NP_OF[dtype]).itemsize
 
 
 def file_ranges(path: Path, ranges: list[tuple[int, int]], shape: tuple[int, ...], dtype: str
