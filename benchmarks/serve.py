@@ -24,13 +24,16 @@ from common import append_results, machine
 HERE = Path(__file__).parent
 SHAPES = {"tiny": [], "tiny_starcoder": ["--config", str(HERE / "tiny_starcoder.json")]}
 SEQ_LENGTH = 512  # the server's --seq-length, and the in-process scheduler's rows
+DECODE_STEPS = 32  # --max-tokens' default: the decode steps between one request's prefill and the next
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, iteratively.\"\"\"\n    a, b = 0, 1\n"
 
 
-def in_process_ms(extra: list[str], slots: int) -> tuple[float, float]:
+def in_process_ms(extra: list[str], slots: int) -> tuple[float, float, float]:
     """Medians over warm runs, in this process, on the online engine: a bare batch-1 prefill of PROMPT (what a
-    request's first token costs the engine), and the first token of PROMPT submitted to the server's scheduler
-    (a running batch of `slots` slots: its join, the thread hand-offs, no HTTP)."""
+    request's first token costs the engine), back to back and after DECODE_STEPS decode steps of a full batch (the
+    order a server runs them in: the caches hold the decode's code and data); and the first token of PROMPT
+    submitted to the server's scheduler (a running batch of `slots` slots: its join, the thread hand-offs, no
+    HTTP)."""
     import numpy as np
 
     from registry_spec.generation import GenerationConfig, Row
@@ -48,11 +51,20 @@ def in_process_ms(extra: list[str], slots: int) -> tuple[float, float]:
         width *= 2
     row = np.full((1, width), tok.pad_token_id, np.int32)
     row[0, : len(ids)] = ids
-    bare = []
+    lengths = np.array([len(ids)], np.int32)
+    bare, after = [], []
     for _ in range(11):
         t0 = time.perf_counter()
-        engine.prefill(row, np.array([len(ids)], np.int32), engine.context_length, True, True)
+        engine.prefill(row, lengths, engine.context_length, True, True)
         bare.append((time.perf_counter() - t0) * 1e3)
+    pads = np.full((slots, width), tok.pad_token_id, np.int32)
+    _, cache = engine.prefill(pads, np.ones(slots, np.int32), SEQ_LENGTH, True, True)
+    for _ in range(11):  # the server's order: another request's decode steps, then this prefill
+        for _ in range(DECODE_STEPS):
+            engine.step(cache, np.zeros(slots, np.int32), np.full(slots, width, np.int32), True)
+        t0 = time.perf_counter()
+        engine.prefill(row, lengths, engine.context_length, True, True)
+        after.append((time.perf_counter() - t0) * 1e3)
     scheduler = Scheduler(engine, tok.eos_token_id, tok.pad_token_id, slots, SEQ_LENGTH, 8)
     scheduler.start(warm_up=ids)
     first = []
@@ -71,7 +83,7 @@ def in_process_ms(extra: list[str], slots: int) -> tuple[float, float]:
         ended.wait(60)
         first.append((marks[0] - t0) * 1e3)
     scheduler.stop(10)
-    return statistics.median(bare[1:]), statistics.median(first[1:])
+    return statistics.median(bare[1:]), statistics.median(after[1:]), statistics.median(first[1:])
 
 
 # The HTTP floor: the same stack (FastAPI, sse-starlette, uvicorn) answering a streamed completion with its first
@@ -225,7 +237,7 @@ def main() -> None:
              f"model): TTFT {floor_openai:.1f} ms (openai client), {floor_httpx:.1f} ms (bare httpx)"]
     for shape in args.shapes.split(","):
         extra = SHAPES[shape]
-        prefill, scheduled = in_process_ms(extra, args.slots)
+        prefill, after_decode, scheduled = in_process_ms(extra, args.slots)
         proc, url = start_server(extra, args.slots)
         try:
             load(url, 1, 2, args.max_tokens)  # untimed: the prompt's prefill bucket compiles on its first request
@@ -243,7 +255,9 @@ def main() -> None:
                     inside, queued = mean_ms(t0, t1, "time_to_first_token"), mean_ms(t0, t1, "request_queue_time")
                     notes.append(f"- {shape}: warm TTFT at 1 client {r['ttft_ms']:.1f} ms (openai client), "
                                  f"{raw:.1f} ms (bare httpx) against a bare batch-1 prefill of {prefill:.1f} ms "
-                                 f"in-process ({r['ttft_ms'] / prefill:.2f}×, {raw / prefill:.2f}×); the "
+                                 f"in-process ({r['ttft_ms'] / prefill:.2f}×, {raw / prefill:.2f}×), "
+                                 f"{after_decode:.1f} ms after {DECODE_STEPS} decode steps as in a server "
+                                 f"({r['ttft_ms'] / after_decode:.2f}×, {raw / after_decode:.2f}×); the "
                                  f"scheduler's first token in-process, without HTTP: {scheduled:.1f} ms "
                                  f"({scheduled / prefill:.2f}×); above the HTTP floor: "
                                  f"{r['ttft_ms'] - floor_openai:.1f} ms / {raw - floor_httpx:.1f} ms "

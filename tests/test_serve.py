@@ -197,6 +197,24 @@ def test_every_error_status_and_the_server_survives(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
+def test_max_tokens_over_the_context_is_400_as_vllm_answers(server):
+    client = server.client()
+    context = httpx.post(server.url + "/tokenize", json={"model": "wizardcoder-tiny", "prompt": "x"},
+                         headers={"Authorization": f"Bearer {KEY}"}).json()
+    prompt_tokens, room = context["count"], context["max_model_len"] - context["count"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="wizardcoder-tiny", prompt="x", max_tokens=room + 1)
+    assert exc.value.body["param"] == "max_tokens" and exc.value.body["code"] == "context_length_exceeded"
+    assert f"max_tokens {room} or less" in exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="wizardcoder-tiny", max_completion_tokens=context["max_model_len"],
+                                       messages=[{"role": "user", "content": "x"}])
+    assert exc.value.body["param"] == "max_completion_tokens"
+    fits = client.completions.create(model="wizardcoder-tiny", prompt="x", max_tokens=room, temperature=0)
+    assert fits.usage.prompt_tokens == prompt_tokens and fits.usage.completion_tokens <= room
+    assert fits.usage.completion_tokens == room or fits.choices[0].finish_reason == "stop"
+
+
 def test_tokenize_and_detokenize_as_vllm_serves_them(server, hf_dir):
     from transformers import PreTrainedTokenizerFast
 

@@ -228,6 +228,12 @@ def _submit(state: ServeState, prompts: list[str | list[int]], body: CompletionR
         if len(ids) >= state.max_len:
             raise APIError(413, f"the prompt has {len(ids)} tokens; this server's context is {state.max_len} "
                            "(prompt and completion)", param="prompt", code="context_length_exceeded")
+        if max_tokens is not None and len(ids) + max_tokens > state.max_len:  # vLLM's and OpenAI's answer too
+            param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"this server's context is {state.max_len} tokens, but {len(ids) + max_tokens} "
+                           f"were requested ({len(ids)} in the prompt, {max_tokens} in the completion); pass "
+                           f"{param} {state.max_len - len(ids)} or less, or a shorter prompt", param=param,
+                           code="context_length_exceeded")
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     sub = Submission([], queue)
     for i, ids in enumerate(encoded):

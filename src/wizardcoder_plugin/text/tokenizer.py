@@ -37,6 +37,9 @@ class WizardCoderTokenizer:
             raise InputError(f"the vocabulary has no {EOS_TOKEN!r} token", "use a StarCoder-family vocabulary")
         self.pad_token_id: int = self._tok.token_to_id(PAD_TOKEN)
         self.eos_token_id: int = self._tok.token_to_id(EOS_TOKEN)
+        # counted once: the library builds the whole vocabulary map to count it (ms a call), and the server checks
+        # every request's ids against it
+        self._vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -82,7 +85,7 @@ class WizardCoderTokenizer:
     # ------------------------------------------------------------------------------------------------- coding
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     @property
     def backend(self) -> Tokenizer:
