@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = r"""
 import json, sys
 import numpy as np
@@ -91,3 +93,73 @@ def test_mindspores_own_cache_switch_does_not_shift_the_positions(tmp_path):
     cached = files(cache)
     assert run(cache, 1, "4x8", "8x32", "8x16", **env) == {"ok": [True, True, True], "position": 2}
     assert files(cache) == cached and len(cached) == 2 and not Path(theirs).exists()
+
+
+class _InterruptedCompile:
+    """A cell whose compile is interrupted half-way (as Ctrl-C lands inside MindSpore's parser)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum, self.finished = signum, False
+
+    def compile(self, *args: object) -> None:
+        os.kill(os.getpid(), self.signum)
+        self.finished = True  # reached: the interrupt did not land inside the compile
+
+
+def test_an_interrupt_during_a_compile_waits_for_it(monkeypatch, capsys):
+    import signal
+
+    from wizardcoder_plugin.model.compile_cache import compile_cell
+
+    monkeypatch.setenv("ZOO_COMPILE_CACHE", "0")
+    before = signal.getsignal(signal.SIGINT)
+    cell = _InterruptedCompile(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        compile_cell(cell, (), {})
+    assert cell.finished and "SIGINT: stopping after this graph compiles" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_deferred_interrupts_raise_what_the_handler_would_and_a_second_one_at_once():
+    import signal
+
+    from registry_spec.cli import Terminated, _terminate
+    from wizardcoder_plugin.model.runtime import interrupts_deferred
+
+    previous = signal.signal(signal.SIGTERM, _terminate)  # the CLI's: SIGTERM unwinds like Ctrl-C
+    try:
+        reached = []
+        with pytest.raises(Terminated):
+            with interrupts_deferred("work"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                reached.append("after the signal")
+        assert reached == ["after the signal"]
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred("work"):
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)  # asked twice: raised here
+                reached.append("after the second")
+        assert reached == ["after the signal"]
+        assert signal.getsignal(signal.SIGTERM) is _terminate
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_deferring_interrupts_off_the_main_thread_does_nothing():
+    import threading
+
+    from wizardcoder_plugin.model.runtime import interrupts_deferred
+
+    ran: list[BaseException | None] = []
+
+    def work() -> None:
+        try:
+            with interrupts_deferred("work"):  # signal.signal would raise ValueError here
+                ran.append(None)
+        except BaseException as exc:  # noqa: BLE001
+            ran.append(exc)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert ran == [None]

@@ -193,6 +193,32 @@ def test_resume_equals_uninterrupted_and_survives_a_killed_save(tmp_path, hf_tin
         train(TrainSettings(output_dir=tmp_path / "part", resume=True, **(common | {"batch_size": 1})), hf_tiny)
 
 
+def test_an_interrupt_while_the_first_step_compiles_waits_for_the_step_and_saves_it(tmp_path, hf_tiny, capsys):
+    """Ctrl-C inside MindSpore's first compile would fail the compile with pages of trace; it lands after the
+    step instead, which is saved like any interrupted step (SIGINT from inside the first accumulate call)."""
+    import os
+    import signal
+
+    s = TrainSettings(data=mindrecord(tmp_path / "d.mindrecord", make_rows(8, 17, seed=3)), mode="finetune",
+                      weights=hf_tiny, max_steps=4, batch_size=2, output_dir=tmp_path / "run")
+    config = load_config(hf_tiny / "config.json").model_copy(update=NO_DROPOUT)
+    trainer = Trainer(s, config, "custom", PAD, progress=False)
+    accumulate, calls = trainer.accumulate, []
+
+    def interrupted_inside(*args):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(1)
+        return accumulate(*args)
+
+    trainer.accumulate = interrupted_inside
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert calls == [1] and "SIGINT: stopping after the first step compiles" in capsys.readouterr().err
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-1"]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_resumed_pretraining_starts_from_its_checkpoint_not_a_random_init(tmp_path, hf_tiny, capsys):
     """A from-scratch run resumed: the model is built from the checkpoint (no random init only to be overwritten,
     30 s at 1B) and the run ends where an uninterrupted one does."""

@@ -118,10 +118,18 @@ def _with_cache(cell: Cell, args: tuple, folder: Path) -> None:
 
 def compile_cell(cell: Cell, args: tuple, key: dict[str, Any]) -> None:
     """Compile `cell` for `args` (once per cell), loading it from MindSpore's compile cache when this process's
-    sequence of graphs so far matches an earlier run's, else compiling it (and caching it where the sequence ends)."""
+    sequence of graphs so far matches an earlier run's, else compiling it (and caching it where the sequence ends).
+    An interrupt waits for the compile (`interrupts_deferred`)."""
     if getattr(cell, "zoo_compiled", False):
         return
     cell.zoo_compiled = True
+    from .runtime import interrupts_deferred
+
+    with interrupts_deferred("this graph compiles"):
+        _compile(cell, args, key)
+
+
+def _compile(cell: Cell, args: tuple, key: dict[str, Any]) -> None:
     from .runtime import init_mindspore
 
     init_mindspore()

@@ -1,11 +1,16 @@
-"""MindSpore start-up done once: GRAPH_MODE, quiet logs, no files in the user's cwd; finding weights; model
+"""MindSpore start-up done once: GRAPH_MODE, quiet logs, no files in the user's cwd, interrupts that wait for its
+import and its compiles; finding weights; model
 construction (compiled graphs: compile_cache.py)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -34,10 +39,54 @@ def init_mindspore() -> ModuleType:
     if [os.environ.pop(k) for k in CACHE_ENV if k in os.environ]:
         print("note: MS_COMPILER_CACHE_ENABLE/PATH are ignored: zoo keeps its own compile cache (ZOO_COMPILE_CACHE; "
               "0 turns it off)", file=sys.stderr)
-    import mindspore as ms
+    with interrupts_deferred("MindSpore loads"):  # interrupted half-way, its exit handlers abort the process
+        import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)
     return ms
+
+
+@contextmanager
+def interrupts_deferred(what: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while `what` runs takes effect when it ends (a second one at once). MindSpore's parser runs
+    Python during a graph compile and reports an interrupt raised there as a failed compile (pages of [ERROR] trace
+    on stderr, an analyze_fail.ir); an `import mindspore` interrupted half-way leaves exit handlers that abort the
+    process. Only the main thread receives signals, so elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    pending: list[int] = []
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def deliver(signum: int) -> None:
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)  # Python's KeyboardInterrupt, the CLI's Terminated
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
+
+    def record(signum: int, _frame: object) -> None:
+        if pending:  # asked twice: now, trace and all
+            restore()
+            deliver(signum)
+            return
+        pending.append(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping after {what} (again to stop now)", file=sys.stderr,
+              flush=True)
+
+    for s in signals:
+        signal.signal(s, record)
+    try:
+        yield
+    finally:
+        restore()
+        if pending:
+            deliver(pending[0])
 
 
 def weights_search_paths(model: str) -> list[Path]:

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from registry_spec.errors import InputError
 from registry_spec.specs import TrainResult
 
 from ..model.config import GPTBigCodeConfig
+from ..model.runtime import interrupts_deferred
 from ..weights import load_params, save_params
 from .preprocess import COLUMNS, read_mindrecord
 from .run_config import TrainSettings
@@ -256,50 +258,53 @@ class Trainer:
         # resumed: until a step runs, the result reports the last one recorded
         last_loss, tokens_per_s, saved = last.get("loss", float("nan")), last.get("tokens_per_s", 0.0), None
         step_tokens = self.reader.global_batch * (self.reader.width - 1) * s.grad_accum
+        first = self.step
         try:
             while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                scale = T(np.float32(self.scaler.scale))
-                losses = []
-                for _ in range(s.grad_accum):
-                    ids, labels = next(batches)
-                    losses.append(self.accumulate(T(ids), T(labels), scale))
-                    self.micro_position += 1
-                loss = sum(float(x.asnumpy()) for x in losses) / len(losses)
-                if self.loss_reduce is not None:
-                    loss = float(self.loss_reduce(T(np.float32(loss))).asnumpy())
-                sq = float(self.stats().asnumpy())
-                unscale = 1.0 / (self.scaler.scale * s.grad_accum)
-                grad_norm = math.sqrt(sq) * unscale if math.isfinite(sq) else float("inf")
-                finite = math.isfinite(grad_norm)
-                lr = cosine_with_warmup(self.step, s.learning_rate, s.lr_end, s.warmup_steps, self.total_steps)
-                if finite:
-                    self.adam_step += 1
-                    clip = min(1.0, s.grad_clip / (grad_norm + 1e-6)) if s.grad_clip > 0 else 1.0
-                    bc1 = 1.0 - s.beta1 ** self.adam_step if s.bias_correction else 1.0
-                    bc2 = 1.0 - s.beta2 ** self.adam_step if s.bias_correction else 1.0
-                    self.adamw(T(np.float32(lr)), T(np.float32(unscale * clip)), T(np.float32(bc1)),
-                               T(np.float32(bc2)))
-                else:
-                    self.clear()
-                row = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "loss_scale": self.scaler.scale, "skipped": not finite,
-                       "epoch": self.micro_position // self.reader.micro_batches_per_epoch}
-                self.scaler.update(finite)
-                self.step += 1
-                dt = time.perf_counter() - t0
-                tokens_per_s = step_tokens / dt
-                row |= {"tokens_per_s": round(tokens_per_s, 1), "step_s": round(dt, 4)}
-                last_loss = loss
-                if self.rank == 0:
-                    with metrics_file.open("a", encoding="utf-8") as f:
-                        f.write(json.dumps(row) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-                if s.save_steps and self.step % s.save_steps == 0 and self.step < self.total_steps:
-                    saved = self.save()
-                for cb in callbacks or []:
-                    cb(row)
+                # the first step compiles its graphs: an interrupt waits for the step (which is then saved)
+                with interrupts_deferred("the first step compiles") if self.step == first else nullcontext():
+                    t0 = time.perf_counter()
+                    scale = T(np.float32(self.scaler.scale))
+                    losses = []
+                    for _ in range(s.grad_accum):
+                        ids, labels = next(batches)
+                        losses.append(self.accumulate(T(ids), T(labels), scale))
+                        self.micro_position += 1
+                    loss = sum(float(x.asnumpy()) for x in losses) / len(losses)
+                    if self.loss_reduce is not None:
+                        loss = float(self.loss_reduce(T(np.float32(loss))).asnumpy())
+                    sq = float(self.stats().asnumpy())
+                    unscale = 1.0 / (self.scaler.scale * s.grad_accum)
+                    grad_norm = math.sqrt(sq) * unscale if math.isfinite(sq) else float("inf")
+                    finite = math.isfinite(grad_norm)
+                    lr = cosine_with_warmup(self.step, s.learning_rate, s.lr_end, s.warmup_steps, self.total_steps)
+                    if finite:
+                        self.adam_step += 1
+                        clip = min(1.0, s.grad_clip / (grad_norm + 1e-6)) if s.grad_clip > 0 else 1.0
+                        bc1 = 1.0 - s.beta1 ** self.adam_step if s.bias_correction else 1.0
+                        bc2 = 1.0 - s.beta2 ** self.adam_step if s.bias_correction else 1.0
+                        self.adamw(T(np.float32(lr)), T(np.float32(unscale * clip)), T(np.float32(bc1)),
+                                   T(np.float32(bc2)))
+                    else:
+                        self.clear()
+                    row = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "loss_scale": self.scaler.scale, "skipped": not finite,
+                           "epoch": self.micro_position // self.reader.micro_batches_per_epoch}
+                    self.scaler.update(finite)
+                    self.step += 1
+                    dt = time.perf_counter() - t0
+                    tokens_per_s = step_tokens / dt
+                    row |= {"tokens_per_s": round(tokens_per_s, 1), "step_s": round(dt, 4)}
+                    last_loss = loss
+                    if self.rank == 0:
+                        with metrics_file.open("a", encoding="utf-8") as f:
+                            f.write(json.dumps(row) + "\n")
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+                    if s.save_steps and self.step % s.save_steps == 0 and self.step < self.total_steps:
+                        saved = self.save()
+                    for cb in callbacks or []:
+                        cb(row)
         except KeyboardInterrupt:
             bar.close()
             if self.step > 0:
