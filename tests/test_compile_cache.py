@@ -130,9 +130,10 @@ def test_deferred_interrupts_raise_what_the_handler_would_and_a_second_one_at_on
     try:
         reached = []
         with pytest.raises(Terminated):
-            with interrupts_deferred("work"):
+            with interrupts_deferred("work") as pending:
                 os.kill(os.getpid(), signal.SIGTERM)
                 reached.append("after the signal")
+                assert pending == [signal.SIGTERM]  # what a loop checks to stop at a point of its choosing
         assert reached == ["after the signal"]
         with pytest.raises(KeyboardInterrupt):
             with interrupts_deferred("work"):

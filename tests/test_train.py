@@ -476,3 +476,79 @@ def test_other_backwards_give_the_same_gradients(hf_tiny):
     for _, cell in net.cells_and_names():
         if isinstance(cell, Linear):
             assert type(cell.dense) is kinds[chosen["x".join(map(str, cell.weight.shape))]]
+
+
+def _ranks(output_dir: Path) -> dict[int, int]:
+    """{rank: pid} of the `zoo train` ranks writing into `output_dir` (msrun's workers: RANK_ID in their env)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if str(output_dir).encode() in cmd and b"RANK_ID" in env and env.get(b"MS_ROLE") == b"MS_WORKER":
+            found[int(env[b"RANK_ID"])] = int(proc.name)
+    return found
+
+
+def test_data_parallel_ranks_stop_after_the_same_step_on_one_ranks_signal_or_the_launchers_death(tmp_path, hf_tiny):
+    """msrun does not pass SIGTERM on, and dies without stopping its ranks; a signal to one rank, or msrun's death,
+    stops every rank after the same step (agreed in the loss's all-reduce), rank 0 saves it, and --resume under
+    msrun finishes."""
+    import signal
+    import time
+
+    data = mindrecord(tmp_path / "d.mindrecord", make_rows(64, 17, seed=7))
+    spec = tmp_path / "dp.json"
+    spec.write_text(json.dumps({"parallel": {"data_parallel": 2}}))
+    run = tmp_path / "run"
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    msrun, zoo_bin = shutil.which("msrun", path=env["PATH"]), shutil.which("zoo", path=env["PATH"])
+    metrics = run / "metrics.jsonl"
+
+    def launch(steps: int, name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [msrun, "--worker_num=2", "--local_worker_num=2", "--master_port=8233", "--join=True",
+             f"--log_dir={tmp_path / name}", zoo_bin, "train", "wizardcoder-tiny", "--config",
+             str(hf_tiny / "config.json"), "--weights", str(hf_tiny), "--data", str(data), "--output-dir", str(run),
+             "--max-steps", str(steps), "--batch-size", "1", "--save-steps", "100000", "--spec", str(spec),
+             "--resume"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_rows(n: int) -> None:
+        deadline = time.time() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n) and time.time() < deadline:
+            time.sleep(0.05)
+
+    def logs(name: str) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in (tmp_path / name).glob("worker_*.log"))
+
+    def ranks_gone(pids: list[int]) -> bool:
+        deadline = time.time() + 120
+        while any(Path(f"/proc/{p}").exists() for p in pids) and time.time() < deadline:
+            time.sleep(0.1)
+        return not any(Path(f"/proc/{p}").exists() for p in pids)
+
+    proc = launch(10000, "a")
+    wait_rows(3)
+    ranks = _ranks(run)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGTERM)  # rank 1 only
+    proc.wait(120)
+    steps = len(metrics.read_text().splitlines())
+    assert [p.name for p in checkpoints(run)] == [f"checkpoint-{steps}"], logs("a")
+    assert "rank 0: another rank was interrupted: stopping after step" in logs("a")
+
+    proc = launch(10000, "b")
+    wait_rows(steps + 3)
+    ranks = _ranks(run)
+    proc.kill()  # the launcher dies; its ranks, in sessions of their own, live on
+    proc.wait()
+    assert ranks_gone(list(ranks.values())), logs("b")
+    stopped = len(metrics.read_text().splitlines())
+    assert [p.name for p in checkpoints(run)][-1] == f"checkpoint-{stopped}", logs("b")
+    assert "the launcher exited: stopping after step" in logs("b")
+
+    proc = launch(stopped + 2, "c")
+    assert proc.wait(300) == 0, logs("c")
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, stopped + 3))

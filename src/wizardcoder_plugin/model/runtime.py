@@ -47,13 +47,14 @@ def init_mindspore() -> ModuleType:
 
 
 @contextmanager
-def interrupts_deferred(what: str) -> Iterator[None]:
+def interrupts_deferred(what: str) -> Iterator[list[int]]:
     """Ctrl-C or SIGTERM while `what` runs takes effect when it ends (a second one at once). MindSpore's parser runs
     Python during a graph compile and reports an interrupt raised there as a failed compile (pages of [ERROR] trace
     on stderr, an analyze_fail.ir); an `import mindspore` interrupted half-way leaves exit handlers that abort the
-    process. Only the main thread receives signals, so elsewhere this does nothing."""
+    process. Only the main thread receives signals, so elsewhere this does nothing. Yields the signals held back
+    so far (a loop can stop early at a point of its choosing)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.getsignal(s) for s in signals}
@@ -82,7 +83,7 @@ def interrupts_deferred(what: str) -> Iterator[None]:
     for s in signals:
         signal.signal(s, record)
     try:
-        yield
+        yield pending
     finally:
         restore()
         if pending:

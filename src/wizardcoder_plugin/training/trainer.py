@@ -141,6 +141,7 @@ class Trainer:
         init_mindspore()
         self.s, self.config, self.progress = settings, config, progress
         self.rank, self.world = init_parallel(settings)
+        self.launcher = os.getppid()  # msrun, under data parallel: its exit stops the ranks
         self.reader = RowReader(settings.data, settings.batch_size, self.rank, self.world, settings.seq_length)
         seq = self.reader.width - 1
         if seq > config.n_positions:
@@ -234,10 +235,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
     def train(self, callbacks: list[StepCallback] | None = None) -> TrainResult:
-        from mindspore import Tensor as T  # noqa: N812 - short: every host value becomes one
         from tqdm import tqdm
-
-        from .optim import cosine_with_warmup
 
         s = self.s
         s.output_dir.mkdir(parents=True, exist_ok=True)
@@ -258,53 +256,39 @@ class Trainer:
         # resumed: until a step runs, the result reports the last one recorded
         last_loss, tokens_per_s, saved = last.get("loss", float("nan")), last.get("tokens_per_s", 0.0), None
         step_tokens = self.reader.global_batch * (self.reader.width - 1) * s.grad_accum
-        first = self.step
+        first, stop = self.step, False
+        # data parallel: an interrupt, or the launcher's exit, stops every rank after the same step (a rank leaving
+        # alone would block the others in their next all-reduce); one process stops at once, the first step aside
+        agreed = self.world > 1
         try:
-            while self.step < self.total_steps:
-                # the first step compiles its graphs: an interrupt waits for the step (which is then saved)
-                with interrupts_deferred("the first step compiles") if self.step == first else nullcontext():
-                    t0 = time.perf_counter()
-                    scale = T(np.float32(self.scaler.scale))
-                    losses = []
-                    for _ in range(s.grad_accum):
-                        ids, labels = next(batches)
-                        losses.append(self.accumulate(T(ids), T(labels), scale))
-                        self.micro_position += 1
-                    loss = sum(float(x.asnumpy()) for x in losses) / len(losses)
-                    if self.loss_reduce is not None:
-                        loss = float(self.loss_reduce(T(np.float32(loss))).asnumpy())
-                    sq = float(self.stats().asnumpy())
-                    unscale = 1.0 / (self.scaler.scale * s.grad_accum)
-                    grad_norm = math.sqrt(sq) * unscale if math.isfinite(sq) else float("inf")
-                    finite = math.isfinite(grad_norm)
-                    lr = cosine_with_warmup(self.step, s.learning_rate, s.lr_end, s.warmup_steps, self.total_steps)
-                    if finite:
-                        self.adam_step += 1
-                        clip = min(1.0, s.grad_clip / (grad_norm + 1e-6)) if s.grad_clip > 0 else 1.0
-                        bc1 = 1.0 - s.beta1 ** self.adam_step if s.bias_correction else 1.0
-                        bc2 = 1.0 - s.beta2 ** self.adam_step if s.bias_correction else 1.0
-                        self.adamw(T(np.float32(lr)), T(np.float32(unscale * clip)), T(np.float32(bc1)),
-                                   T(np.float32(bc2)))
-                    else:
-                        self.clear()
-                    row = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "loss_scale": self.scaler.scale, "skipped": not finite,
-                           "epoch": self.micro_position // self.reader.micro_batches_per_epoch}
-                    self.scaler.update(finite)
-                    self.step += 1
-                    dt = time.perf_counter() - t0
-                    tokens_per_s = step_tokens / dt
-                    row |= {"tokens_per_s": round(tokens_per_s, 1), "step_s": round(dt, 4)}
-                    last_loss = loss
-                    if self.rank == 0:
-                        with metrics_file.open("a", encoding="utf-8") as f:
-                            f.write(json.dumps(row) + "\n")
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-                    if s.save_steps and self.step % s.save_steps == 0 and self.step < self.total_steps:
-                        saved = self.save()
-                    for cb in callbacks or []:
-                        cb(row)
+            with (interrupts_deferred("this step (every rank stops after the same one)") if agreed
+                  else nullcontext([])) as pending:
+                while self.step < self.total_steps and not stop:
+                    # the first step compiles its graphs: an interrupt waits for the step (which is then saved)
+                    with (interrupts_deferred("the first step compiles") if self.step == first and not agreed
+                          else nullcontext()):
+                        t0 = time.perf_counter()
+                        row, stop = self._step(batches, agreed and (bool(pending) or os.getppid() != self.launcher))
+                        dt = time.perf_counter() - t0
+                        tokens_per_s = step_tokens / dt
+                        row |= {"tokens_per_s": round(tokens_per_s, 1), "step_s": round(dt, 4)}
+                        last_loss = row["loss"]
+                        if self.rank == 0:
+                            with metrics_file.open("a", encoding="utf-8") as f:
+                                f.write(json.dumps(row) + "\n")
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")
+                        if s.save_steps and self.step % s.save_steps == 0 and self.step < self.total_steps:
+                            saved = self.save()
+                        for cb in callbacks or []:
+                            cb(row)
+            if stop:  # another rank's interrupt, or the launcher gone (this rank's own was raised above)
+                from registry_spec.cli import Terminated
+
+                why = "the launcher exited" if os.getppid() != self.launcher else "another rank was interrupted"
+                print(f"\nrank {self.rank}: {why}: stopping after step {self.step} with the other ranks",
+                      file=sys.stderr)
+                raise Terminated()
         except KeyboardInterrupt:
             bar.close()
             if self.step > 0:
@@ -318,9 +302,46 @@ class Trainer:
                            checkpoint=saved / "model.safetensors", metrics_file=metrics_file,
                            tokens_per_s=round(tokens_per_s, 1))
 
+    def _step(self, batches: Iterator[tuple[np.ndarray, np.ndarray]], stop: bool) -> tuple[dict, bool]:
+        """One optimizer step over `grad_accum` micro-batches: its metrics row, and whether any rank asked to stop
+        (`stop` here; agreed in the loss's all-reduce, so every rank answers the same)."""
+        from mindspore import Tensor as T  # noqa: N812 - short: every host value becomes one
+
+        from .optim import cosine_with_warmup
+
+        s = self.s
+        scale = T(np.float32(self.scaler.scale))
+        losses = []
+        for _ in range(s.grad_accum):
+            ids, labels = next(batches)
+            losses.append(self.accumulate(T(ids), T(labels), scale))
+            self.micro_position += 1
+        loss = sum(float(x.asnumpy()) for x in losses) / len(losses)
+        if self.loss_reduce is not None:
+            loss, asked = (float(v) for v in self.loss_reduce(T(np.array([loss, stop], np.float32))).asnumpy())
+            stop = asked > 0
+        sq = float(self.stats().asnumpy())
+        unscale = 1.0 / (self.scaler.scale * s.grad_accum)
+        grad_norm = math.sqrt(sq) * unscale if math.isfinite(sq) else float("inf")
+        finite = math.isfinite(grad_norm)
+        lr = cosine_with_warmup(self.step, s.learning_rate, s.lr_end, s.warmup_steps, self.total_steps)
+        if finite:
+            self.adam_step += 1
+            clip = min(1.0, s.grad_clip / (grad_norm + 1e-6)) if s.grad_clip > 0 else 1.0
+            bc1 = 1.0 - s.beta1 ** self.adam_step if s.bias_correction else 1.0
+            bc2 = 1.0 - s.beta2 ** self.adam_step if s.bias_correction else 1.0
+            self.adamw(T(np.float32(lr)), T(np.float32(unscale * clip)), T(np.float32(bc1)), T(np.float32(bc2)))
+        else:
+            self.clear()
+        row = {"step": self.step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "loss_scale": self.scaler.scale,
+               "skipped": not finite, "epoch": self.micro_position // self.reader.micro_batches_per_epoch}
+        self.scaler.update(finite)
+        self.step += 1
+        return row, stop
+
 
 class _LossMean:
-    """Mean of a scalar over data-parallel ranks (for the logged loss)."""
+    """Mean over data-parallel ranks (of the logged loss, and of the ranks' wish to stop)."""
 
     def __init__(self, world: int) -> None:
         from mindspore import ops
