@@ -135,11 +135,12 @@ def test_deferred_interrupts_raise_what_the_handler_would_and_a_second_one_at_on
                 reached.append("after the signal")
                 assert pending == [signal.SIGTERM]  # what a loop checks to stop at a point of its choosing
         assert reached == ["after the signal"]
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as exc:
             with interrupts_deferred("work"):
-                os.kill(os.getpid(), signal.SIGINT)
-                os.kill(os.getpid(), signal.SIGINT)  # asked twice: raised here
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)  # asked twice: raised here, and the first not again
                 reached.append("after the second")
+        assert not isinstance(exc.value, Terminated) and exc.value.__context__ is None
         assert reached == ["after the signal"]
         assert signal.getsignal(signal.SIGTERM) is _terminate
     finally:

@@ -1,6 +1,5 @@
 """MindSpore start-up done once: GRAPH_MODE, quiet logs, no files in the user's cwd, interrupts that wait for its
-import and its compiles; finding weights; model
-construction (compiled graphs: compile_cache.py)."""
+import and its compiles; finding weights; model construction (compiled graphs: compile_cache.py)."""
 
 from __future__ import annotations
 
@@ -72,7 +71,8 @@ def interrupts_deferred(what: str) -> Iterator[list[int]]:
             os.kill(os.getpid(), signum)
 
     def record(signum: int, _frame: object) -> None:
-        if pending:  # asked twice: now, trace and all
+        if pending:  # asked twice: now, trace and all (and not again on the way out)
+            pending.clear()
             restore()
             deliver(signum)
             return
