@@ -36,7 +36,7 @@ def in_process_ms(extra: list[str], slots: int) -> tuple[float, float, float]:
     HTTP)."""
     import numpy as np
 
-    from registry_spec.generation import GenerationConfig, Row
+    from registry_spec.generation import Batch, GenerationConfig, Row
     from registry_spec.predict import TextTracker
     from registry_spec.registry import Registry
     from registry_spec.serving.scheduler import Job, Scheduler
@@ -57,11 +57,11 @@ def in_process_ms(extra: list[str], slots: int) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         engine.prefill(row, lengths, engine.context_length, True, True)
         bare.append((time.perf_counter() - t0) * 1e3)
-    pads = np.full((slots, width), tok.pad_token_id, np.int32)
-    _, cache = engine.prefill(pads, np.ones(slots, np.int32), SEQ_LENGTH, True, True)
+    running = Batch(engine, tok.eos_token_id, tok.pad_token_id, slots, SEQ_LENGTH)
+    running.open()
     for _ in range(11):  # the server's order: another request's decode steps, then this prefill
         for _ in range(DECODE_STEPS):
-            engine.step(cache, np.zeros(slots, np.int32), np.full(slots, width, np.int32), True)
+            engine.step(running.cache, np.zeros(slots, np.int32), np.full(slots, width, np.int32), True)
         t0 = time.perf_counter()
         engine.prefill(row, lengths, engine.context_length, True, True)
         after.append((time.perf_counter() - t0) * 1e3)

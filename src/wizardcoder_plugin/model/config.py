@@ -198,9 +198,10 @@ def load_config(path: str | Path) -> GPTBigCodeConfig:
 def config_file(config_path: str | Path | None, weights: str | Path | None) -> Path | None:
     """`--config`, else the checkpoint folder's own config.json (what HF's `from_pretrained` reads), else None
     (the card's preset)."""
-    if config_path is None and weights is not None and (Path(weights) / "config.json").is_file():
-        return Path(weights) / "config.json"
-    return None if config_path is None else Path(config_path)
+    if config_path is not None:
+        return Path(config_path)
+    own = None if weights is None else Path(weights) / "config.json"
+    return own if own is not None and own.is_file() else None
 
 
 def resolve_config(model: str, config_path: str | Path | None = None) -> GPTBigCodeConfig:
