@@ -494,8 +494,8 @@ def _ranks(output_dir: Path) -> dict[int, int]:
 
 def test_data_parallel_ranks_stop_after_the_same_step_on_one_ranks_signal_or_the_launchers_death(tmp_path, hf_tiny):
     """msrun does not pass SIGTERM on, and dies without stopping its ranks; a signal to one rank, or msrun's death,
-    stops every rank after the same step (agreed in the loss's all-reduce), rank 0 saves it, and --resume under
-    msrun finishes."""
+    stops every rank after the same step (agreed in the loss's all-reduce), rank 0 saves it (a slow save too: no
+    rank exits before it is written), and --resume under msrun finishes."""
     import signal
     import time
 
@@ -507,13 +507,29 @@ def test_data_parallel_ranks_stop_after_the_same_step_on_one_ranks_signal_or_the
     msrun, zoo_bin = shutil.which("msrun", path=env["PATH"]), shutil.which("zoo", path=env["PATH"])
     metrics = run / "metrics.jsonl"
 
-    def launch(steps: int, name: str) -> subprocess.Popen:
+    # with slow_save, rank 0's save takes 6 s, as a real model's would: msrun kills every rank once one exits
+    # non-zero, so the other ranks must not leave before it is written
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK_ID') == '0' and os.environ.get('MS_ROLE') == 'MS_WORKER':\n"
+        "    rename = os.rename\n"
+        "    def slow(src, dst, *a, **k):\n"
+        "        if os.path.basename(dst).startswith('checkpoint-'):\n"
+        "            time.sleep(6)\n"
+        "        return rename(src, dst, *a, **k)\n"
+        "    os.rename = slow\n")
+    slow = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
+
+    def launch(steps: int, name: str, slow_save: bool = False) -> subprocess.Popen:
         return subprocess.Popen(
             [msrun, "--worker_num=2", "--local_worker_num=2", "--master_port=8233", "--join=True",
              f"--log_dir={tmp_path / name}", zoo_bin, "train", "wizardcoder-tiny", "--config",
              str(hf_tiny / "config.json"), "--weights", str(hf_tiny), "--data", str(data), "--output-dir", str(run),
              "--max-steps", str(steps), "--batch-size", "1", "--save-steps", "100000", "--spec", str(spec),
-             "--resume"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--resume"], env=slow if slow_save else env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
 
     def wait_rows(n: int) -> None:
         deadline = time.time() + 300
@@ -529,7 +545,7 @@ def test_data_parallel_ranks_stop_after_the_same_step_on_one_ranks_signal_or_the
             time.sleep(0.1)
         return not any(Path(f"/proc/{p}").exists() for p in pids)
 
-    proc = launch(10000, "a")
+    proc = launch(10000, "a", slow_save=True)
     wait_rows(3)
     ranks = _ranks(run)
     assert sorted(ranks) == [0, 1], ranks

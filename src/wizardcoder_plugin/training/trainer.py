@@ -293,6 +293,8 @@ class Trainer:
             bar.close()
             if self.step > 0:
                 saved = self.save()
+                if stop:  # agreed: msrun kills every rank once one exits non-zero, so none leaves before the save
+                    self.loss_reduce.barrier()
                 print(f"\ninterrupted: saved {saved}; continue with --resume", file=sys.stderr)
             raise
         bar.close()
@@ -351,6 +353,12 @@ class _LossMean:
 
     def __call__(self, x: object) -> object:
         return self.all_reduce(x) / self.world
+
+    def barrier(self) -> None:
+        """Returns once every rank has called it (the same all-reduce, of nothing)."""
+        from mindspore import Tensor
+
+        self.all_reduce(Tensor(np.zeros(2, np.float32))).asnumpy()
 
 
 def _truncate_metrics(path: Path, step: int) -> dict:
