@@ -46,9 +46,8 @@ def in_process_ms(extra: list[str], slots: int) -> tuple[float, float, float]:
     engine, tok = Registry().handle("wizardcoder-tiny").generator(
         PredictSpec(model="wizardcoder-tiny", config=config, batch_size=slots))
     ids = tok.encode(PROMPT)
-    width = 16
-    while width < len(ids):
-        width *= 2
+    running = Batch(engine, tok.eos_token_id, tok.pad_token_id, slots, SEQ_LENGTH)
+    width = running.prompt_width([Row(list(ids), GenerationConfig(), np.random.default_rng(0))])  # the join's
     row = np.full((1, width), tok.pad_token_id, np.int32)
     row[0, : len(ids)] = ids
     lengths = np.array([len(ids)], np.int32)
@@ -57,7 +56,6 @@ def in_process_ms(extra: list[str], slots: int) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         engine.prefill(row, lengths, engine.context_length, True, True)
         bare.append((time.perf_counter() - t0) * 1e3)
-    running = Batch(engine, tok.eos_token_id, tok.pad_token_id, slots, SEQ_LENGTH)
     running.open()
     for _ in range(11):  # the server's order: another request's decode steps, then this prefill
         for _ in range(DECODE_STEPS):

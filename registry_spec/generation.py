@@ -201,12 +201,13 @@ class Batch:
         self._prefill(list(rows), greedy=not any(r.needs_logits() for r in rows) if greedy is None else greedy,
                       use_cache=use_cache)
 
-    def _prompt_len(self, rows: Sequence[Row]) -> int:
+    def prompt_width(self, rows: Sequence[Row]) -> int:
+        """The padded width a prefill (or join) of `rows` runs at: one compiled graph per width."""
         longest = max((len(r.prompt) for r in rows), default=1)
         return self.engine.fixed_length or bucket(longest, 16, self.max_len)
 
     def _prefill(self, rows: list[Row], greedy: bool, use_cache: bool) -> None:
-        ids = np.full((self.size, self._prompt_len(rows)), self.pad, dtype=np.int32)
+        ids = np.full((self.size, self.prompt_width(rows)), self.pad, dtype=np.int32)
         lengths = np.ones(self.size, dtype=np.int32)
         for slot, row in enumerate(rows):
             ids[slot, : len(row.prompt)] = row.prompt
@@ -218,7 +219,7 @@ class Batch:
 
     def _join(self, row: Row) -> None:
         slot = self.slots.index(None)
-        ids = np.full((1, self._prompt_len([row])), self.pad, dtype=np.int32)
+        ids = np.full((1, self.prompt_width([row])), self.pad, dtype=np.int32)
         ids[0, : len(row.prompt)] = row.prompt
         ms, out = self._timed(self.engine.join, self.cache, np.array([slot], dtype=np.int32),  # type: ignore
                               ids, np.array([len(row.prompt)], dtype=np.int32), not row.needs_logits())

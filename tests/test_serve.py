@@ -362,6 +362,10 @@ def test_full_queue_is_429_and_sigterm_finishes_in_flight_requests(tmp_path):
         assert done["first"].choices[0].finish_reason == "length"  # type: ignore[union-attr]
         assert done["first"].usage.completion_tokens == tokens  # type: ignore[union-attr]
         assert done["second"] == 500 or done["second"].usage.completion_tokens == tokens  # type: ignore[union-attr]
+        shown = dict(line.split(None, 1) for line in s.proc.stdout.read().splitlines() if line.strip())  # the result
+        completed = 1 + (done["second"] != 500)
+        assert int(shown["completions"]) == completed, shown
+        assert int(shown["completion_tokens"]) >= tokens * completed, shown
         with pytest.raises(httpx.HTTPError):
             httpx.get(s.url + "/health", timeout=2)
     finally:

@@ -98,7 +98,7 @@ def create_app(state: ServeState) -> FastAPI:
     async def health() -> JSONResponse:
         status = 503 if state.draining else 200
         return JSONResponse({"status": "draining" if state.draining else "ok", "model": state.model,
-                             **state.scheduler.load()}, status_code=status)
+                             **state.scheduler.load(), **state.metrics.finished_counts()}, status_code=status)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -120,7 +120,7 @@ def create_app(state: ServeState) -> FastAPI:
         else:
             prompts = list(body.prompt)
         rid = request_id("cmpl")
-        sub = _submit(state, prompts, body, body.max_tokens, logprobs=body.logprobs is not None)
+        sub = _submit(state, prompts, body, logprobs=body.logprobs is not None)
         if body.stream:
             return _stream(state, sub, rid, chat=False)
         results = await _collect(state, request, sub)
@@ -134,7 +134,7 @@ def create_app(state: ServeState) -> FastAPI:
         _check_model(state, body.model)
         text = _chat_prompt(state, body.messages)
         rid = request_id("chatcmpl")
-        sub = _submit(state, [text], body, body.max_completion_tokens or body.max_tokens, logprobs=body.logprobs)
+        sub = _submit(state, [text], body, logprobs=body.logprobs)
         if body.stream:
             return _stream(state, sub, rid, chat=True)
         ((job, content, finish),) = await _collect(state, request, sub)
@@ -215,9 +215,10 @@ class Submission:
 
 
 def _submit(state: ServeState, prompts: list[str | list[int]], body: CompletionRequest | ChatRequest,
-            max_tokens: int | None, logprobs: bool) -> Submission:
+            logprobs: bool) -> Submission:
     """One job per prompt (a text, or its token ids), queued for the scheduler (all or none)."""
     arrival = time.perf_counter()
+    param, max_tokens = body.completion_limit()
     if state.draining:
         raise APIError(503, "the server is shutting down", "server_error", code="shutting_down")
     encoded = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -229,7 +230,6 @@ def _submit(state: ServeState, prompts: list[str | list[int]], body: CompletionR
             raise APIError(413, f"the prompt has {len(ids)} tokens; this server's context is {state.max_len} "
                            "(prompt and completion)", param="prompt", code="context_length_exceeded")
         if max_tokens is not None and len(ids) + max_tokens > state.max_len:  # vLLM's and OpenAI's answer too
-            param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
             raise APIError(400, f"this server's context is {state.max_len} tokens, but {len(ids) + max_tokens} "
                            f"were requested ({len(ids)} in the prompt, {max_tokens} in the completion); pass "
                            f"{param} {state.max_len - len(ids)} or less, or a shorter prompt", param=param,

@@ -27,7 +27,7 @@ class ServeMetrics:
     counters are thread-safe: the scheduler thread records into them while the event loop renders them."""
 
     def __init__(self, model: str, load: Callable[[], dict[str, Any]]) -> None:
-        self.registry = CollectorRegistry()
+        self.registry, self.model = CollectorRegistry(), model
 
         def metric(kind: type, name: str, doc: str, *labels: str, **kw: Any) -> Any:
             return kind(f"zoo_{name}", doc, ["model_name", *labels], registry=self.registry, **kw)
@@ -50,6 +50,19 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def finished_counts(self) -> dict[str, int]:
+        """Requests ended so far: completed (at EOS, a stop or the length cap) and cancelled (/health's counts)."""
+        def count(reason: str) -> int:
+            return int(self._sample("request_finished_total", finished_reason=reason))
+
+        return {"completed": sum(count(r) for r in ("eos", "stop", "length")), "cancelled": count("cancelled")}
+
+    def generated_tokens(self) -> int:
+        return int(self._sample("generation_tokens_total"))
+
+    def _sample(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(f"zoo_{name}", {"model_name": self.model, **labels}) or 0.0
 
 
 class RequestTimer:

@@ -58,6 +58,10 @@ class _Request(BaseModel):
             raise ValueError("logit_bias is not supported")
         return None
 
+    def completion_limit(self) -> tuple[str, int | None]:
+        """The field capping the completion, and its value (None: up to the context)."""
+        return "max_tokens", self.max_tokens
+
 
 class CompletionRequest(_Request):
     # checked by _prompts, whose one message names every accepted form (a union's errors name one member each)
@@ -105,6 +109,12 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Literal[0] | None = None
+
+    def completion_limit(self) -> tuple[str, int | None]:
+        """The field capping the completion, and its value: OpenAI's newer name wins over the deprecated one."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().completion_limit()
 
 
 class TokenizeRequest(BaseModel):

@@ -76,7 +76,6 @@ class Scheduler:
         self.jobs: dict[int, Job] = {}  # id(row) -> its job, while in the batch
         self.cond = threading.Condition()
         self.accepting, self.stopping = True, False
-        self.served = self.cancelled = self.completion_tokens = 0
         self.thread = threading.Thread(target=self._loop, name="zoo-scheduler", daemon=True)
 
     @property
@@ -124,7 +123,7 @@ class Scheduler:
 
     def load(self) -> dict[str, Any]:
         return {"running": len(self.batch.rows), "waiting": len(self.waiting), "slots": self.batch.size,
-                "continuous_batching": self.continuous, "completed": self.served, "cancelled": self.cancelled}
+                "continuous_batching": self.continuous}
 
     def _loop(self) -> None:
         while True:
@@ -154,10 +153,7 @@ class Scheduler:
             job = self.jobs.pop(id(row))
             job.ended(row.finish or "length")
             if row.finish == "cancelled":
-                self.cancelled += 1
                 continue
-            self.served += 1
-            self.completion_tokens += len(row.generated)
             job.deliver(("end", row.finish, job.tracker.rest(row.generated, row.finish or "length")))
 
     def _fail(self, jobs: list[Job], message: str) -> None:

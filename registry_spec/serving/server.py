@@ -73,5 +73,6 @@ def serve(h: ModelHandle, spec: ServeSpec) -> ServeResult:
                          "pick a free port with --port, or stop what holds it") from None
     finally:
         scheduler.stop(timeout=spec.shutdown_timeout)
-    return ServeResult(requests=state.requests, completions=scheduler.served,
-                       completion_tokens=scheduler.completion_tokens, seconds=round(time.perf_counter() - started, 3))
+    return ServeResult(requests=state.requests, completions=state.metrics.finished_counts()["completed"],
+                       completion_tokens=state.metrics.generated_tokens(),
+                       seconds=round(time.perf_counter() - started, 3))
