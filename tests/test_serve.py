@@ -299,6 +299,32 @@ def test_a_disconnected_stream_frees_its_row(server):
     assert scrape(server)[key] == counted.get(key, 0) + 1
 
 
+def test_a_stream_closed_while_it_waits_for_a_slot_leaves_the_queue_and_is_counted_once(tmp_path):
+    from conftest import make_hf_checkpoint
+
+    from wizardcoder_plugin.text.tokenizer import WizardCoderTokenizer
+
+    long_dir = make_hf_checkpoint(tmp_path / "long", n_positions=2048)  # the first request runs for seconds
+    WizardCoderTokenizer.from_pretrained(BUNDLED_TOKENIZER).backend.save(str(long_dir / "tokenizer.json"))
+    s = Server(long_dir, tmp_path, "--max-batch-size", "1")
+    body = {"model": "wizardcoder-tiny", "prompt": "def", "max_tokens": 2000, "temperature": 0, "stream": True}
+    try:
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)  # it holds the one slot
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60):
+                health = httpx.get(s.url + "/health").json()
+                assert health["waiting"] == 1 and health["cancelled"] == 0, health
+            deadline = time.time() + 5
+            while httpx.get(s.url + "/health").json()["waiting"] and time.time() < deadline:
+                time.sleep(0.02)
+            health = httpx.get(s.url + "/health").json()
+            assert health["waiting"] == 0 and health["running"] == 1 and health["cancelled"] == 1, health
+            assert scrape(s)[("zoo_request_finished_total", "cancelled")] == 1
+    finally:
+        s.stop()
+
+
 def test_a_client_gone_before_a_plain_completion_ends_frees_its_row(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": "wizardcoder-tiny", "prompt": "def", "max_tokens": 250, "temperature": 0}
