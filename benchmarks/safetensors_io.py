@@ -81,6 +81,15 @@ from wizardcoder_plugin.weights.safetensors_files import lazy_tensors, write_sha
 items = [it for f in sorted(Path(sys.argv[1]).glob("*.safetensors")) for it in lazy_tensors(f)]
 write_sharded(Path(sys.argv[2]), items, 2 * 2**30)
 """,
+    # what rank 0 of a data-parallel run writes its checkpoints with (the other ranks wait on it)
+    "write, zoo (streaming, flushed every 256 MiB)": """
+import sys
+from pathlib import Path
+from wizardcoder_plugin.weights.safetensors_files import lazy_tensors, plan_shards, write_file
+items = [it for f in sorted(Path(sys.argv[1]).glob("*.safetensors")) for it in lazy_tensors(f)]
+for i, shard in enumerate(plan_shards(items, 2 * 2**30)):
+    write_file(Path(sys.argv[2]) / f"shard-{i}.safetensors", shard, sync_every=256 * 2**20)
+""",
 }
 BF16_CASES = {
     # the library's numpy reader names bf16 by numpy's type name, which importing ml_dtypes registers

@@ -507,33 +507,61 @@ def test_data_parallel_ranks_stop_after_the_same_step_on_one_ranks_signal_or_the
     msrun, zoo_bin = shutil.which("msrun", path=env["PATH"]), shutil.which("zoo", path=env["PATH"])
     metrics = run / "metrics.jsonl"
 
-    # with slow_save, rank 0's save takes 6 s, as a real model's would: msrun kills every rank once one exits
-    # non-zero, so the other ranks must not leave before it is written
+    # with slow_save, rank 0 writes checkpoints as slowly as a real model's: the first one for over 30 s (a collective
+    # on MindSpore's CPU backend gives up after ≈30 s of waiting: the other ranks must keep in touch while they
+    # wait), the next ones with a 6-second pause before the rename (msrun kills every rank once one exits non-zero,
+    # so none may leave before the checkpoint is in place)
     inject = tmp_path / "inject"
     inject.mkdir()
-    (inject / "sitecustomize.py").write_text(
-        "import os, time\n"
-        "if os.environ.get('RANK_ID') == '0' and os.environ.get('MS_ROLE') == 'MS_WORKER':\n"
-        "    rename = os.rename\n"
-        "    def slow(src, dst, *a, **k):\n"
-        "        if os.path.basename(dst).startswith('checkpoint-'):\n"
-        "            time.sleep(6)\n"
-        "        return rename(src, dst, *a, **k)\n"
-        "    os.rename = slow\n")
+    (inject / "sitecustomize.py").write_text(f"""
+import builtins, os, time
+if os.environ.get('RANK_ID') == '0' and os.environ.get('MS_ROLE') == 'MS_WORKER':
+    real_open, real_rename, first = builtins.open, os.rename, [time.monotonic(), None]
+
+    class Slow:
+        def __init__(self, f):
+            self.f = f
+        def write(self, b):
+            first[1] = first[1] or time.monotonic()
+            time.sleep(0.45)
+            return self.f.write(b)
+        def __enter__(self):
+            return self
+        def __exit__(self, *a):
+            return self.f.__exit__(*a)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def slow_open(path, mode='r', *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Slow(f) if first[0] and '.checkpoint-' in str(path) and 'w' in mode else f
+
+    def slow_rename(src, dst, *a, **k):
+        if os.path.basename(dst).startswith('checkpoint-'):
+            if first[0]:
+                real_open({str(inject / "first_save_s")!r}, 'w').write(str(time.monotonic() - first[1]))
+                first[0] = None
+            else:
+                time.sleep(6)
+        return real_rename(src, dst, *a, **k)
+
+    builtins.open, os.rename = slow_open, slow_rename
+""")
     slow = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
 
-    def launch(steps: int, name: str, slow_save: bool = False) -> subprocess.Popen:
+    def launch(steps: int, name: str, slow_save: bool = False, save_steps: int = 100000) -> subprocess.Popen:
         return subprocess.Popen(
             [msrun, "--worker_num=2", "--local_worker_num=2", "--master_port=8233", "--join=True",
              f"--log_dir={tmp_path / name}", zoo_bin, "train", "wizardcoder-tiny", "--config",
              str(hf_tiny / "config.json"), "--weights", str(hf_tiny), "--data", str(data), "--output-dir", str(run),
-             "--max-steps", str(steps), "--batch-size", "1", "--save-steps", "100000", "--spec", str(spec),
+             "--max-steps", str(steps), "--batch-size", "1", "--save-steps", str(save_steps), "--spec", str(spec),
              "--resume"], env=slow if slow_save else env, cwd=tmp_path, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
 
-    def wait_rows(n: int) -> None:
+    def wait_rows(n: int, proc: subprocess.Popen) -> None:
         deadline = time.time() + 300
         while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n) and time.time() < deadline:
+            assert proc.poll() is None, f"msrun exited {proc.returncode}"
             time.sleep(0.05)
 
     def logs(name: str) -> str:
@@ -545,18 +573,19 @@ def test_data_parallel_ranks_stop_after_the_same_step_on_one_ranks_signal_or_the
             time.sleep(0.1)
         return not any(Path(f"/proc/{p}").exists() for p in pids)
 
-    proc = launch(10000, "a", slow_save=True)
-    wait_rows(3)
+    proc = launch(10000, "a", slow_save=True, save_steps=2)
+    wait_rows(3, proc)  # past the first, slow, save
+    assert float((inject / "first_save_s").read_text()) > 32
     ranks = _ranks(run)
     assert sorted(ranks) == [0, 1], ranks
     os.kill(ranks[1], signal.SIGTERM)  # rank 1 only
-    proc.wait(120)
+    proc.wait(180)
     steps = len(metrics.read_text().splitlines())
-    assert [p.name for p in checkpoints(run)] == [f"checkpoint-{steps}"], logs("a")
+    assert [p.name for p in checkpoints(run)][-1] == f"checkpoint-{steps}", logs("a")
     assert "rank 0: another rank was interrupted: stopping after step" in logs("a")
 
     proc = launch(10000, "b")
-    wait_rows(steps + 3)
+    wait_rows(steps + 3, proc)
     ranks = _ranks(run)
     proc.kill()  # the launcher dies; its ranks, in sessions of their own, live on
     proc.wait()

@@ -233,3 +233,24 @@ def test_safetensors_files_the_loader_cannot_take_are_refused(tmp_path, damage):
         match = "unsupported dtype U16"
     with pytest.raises(InputError, match=f"not a valid safetensors file: .*{match}"):
         list(lazy_tensors(path))
+
+
+def test_a_write_flushed_as_it_goes_syncs_every_sync_every_bytes_and_reads_back_equal(tmp_path, monkeypatch):
+    """Data-parallel checkpoints: what is written reaches the disk every `sync_every` bytes (so the closing fsync, and
+    each `done` after a tensor, wait for no more than that), and the file is the same one."""
+    from safetensors.numpy import load_file
+
+    from wizardcoder_plugin.weights import safetensors_files
+
+    want = {f"t{i}": np.full((256,), i, np.float32) for i in range(10)}  # 1 KiB each
+    items = [(name, _lazy(arr, "F32")) for name, arr in want.items()]
+    synced, done = [], []
+    real = safetensors_files._datasync
+    monkeypatch.setattr(safetensors_files, "_datasync", lambda fd: (synced.append(len(done)), real(fd)))
+    safetensors_files.write_file(tmp_path / "a.safetensors", items, done=done.append, sync_every=3 * 1024)
+    assert synced == [2, 5, 8]  # after tensors 3, 6 and 9, each before its `done`
+    assert done == [1024] * 10
+    safetensors_files.write_file(tmp_path / "b.safetensors", items)
+    assert synced == [2, 5, 8]  # not asked: left to the kernel (and the closing fsync)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert all(np.array_equal(load_file(tmp_path / "a.safetensors")[k], v) for k, v in want.items())

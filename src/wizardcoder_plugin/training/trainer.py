@@ -7,7 +7,7 @@ N ranks sees exactly the rows one process would with an N-times larger batch.
 
 Checkpoints (`checkpoint-<step>/`: model.safetensors, optimizer.safetensors, state.json) are written to a
 temporary folder and renamed into place, so a run killed mid-save leaves the previous checkpoint intact. Ctrl-C
-saves and exits.
+saves and exits. Under data parallel rank 0 writes them while the other ranks wait (`ranks.RankSync`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ..model.config import GPTBigCodeConfig
 from ..model.runtime import interrupts_deferred
 from ..weights import load_params, save_params
 from .preprocess import COLUMNS, read_mindrecord
+from .ranks import RankSync
 from .run_config import TrainSettings
 
 CKPT_PREFIX = "checkpoint-"
@@ -186,7 +187,7 @@ class Trainer:
         self.scaler = LossScaler(scale=settings.loss_scale if settings.precision == "fp16" else 1.0,
                                  factor=settings.loss_scale_factor, window=settings.loss_scale_window,
                                  dynamic=settings.precision == "fp16")
-        self.loss_reduce = _LossMean(self.world) if self.world > 1 else None
+        self.sync = RankSync(self.world) if self.world > 1 else None
         steps_per_epoch = self.reader.micro_batches_per_epoch // settings.grad_accum
         if steps_per_epoch == 0:
             raise InputError(f"{settings.data} has too few rows for one step of {settings.batch_size} x "
@@ -204,15 +205,26 @@ class Trainer:
                 "world": self.world, "rows": self.reader.rows, "width": self.reader.width,
                 "numerics": self.numerics, "settings": json.loads(self.s.model_dump_json())}
 
-    def save(self) -> Path:
+    def save(self, together: bool = True) -> Path:
+        """Rank 0 writes the step's checkpoint. Under data parallel every rank calls this at the same point and
+        returns once it is written (`together`; not when a second signal stopped one rank mid-step)."""
         out = self.s.output_dir / f"{CKPT_PREFIX}{self.step}"
+        sync = self.sync if together else None
         if self.rank == 0:
+            if sync:
+                sync.writing()
+            tick = sync.tick if sync else (lambda _nbytes: None)
+            every = sync.flush_bytes if sync else None
             with atomic_dir(out, is_checkpoint) as tmp:
-                save_params(list(self.params), tmp / "model.safetensors")
-                save_params(self.optimizer_params(), tmp / "optimizer.safetensors")
+                save_params(list(self.params), tmp / "model.safetensors", done=tick, sync_every=every)
+                save_params(self.optimizer_params(), tmp / "optimizer.safetensors", done=tick, sync_every=every)
                 (tmp / "state.json").write_text(json.dumps(self.state(), indent=2))
             for old in checkpoints(self.s.output_dir)[: -self.s.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+            if sync:
+                sync.written()
+        elif sync:
+            sync.wait_for_rank0()
         return out
 
     def restore(self) -> None:
@@ -292,17 +304,19 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             if self.step > 0:
-                saved = self.save()
-                if stop:  # agreed: msrun kills every rank once one exits non-zero, so none leaves before the save
-                    self.loss_reduce.barrier()
+                if not self._is_saved(saved):  # (the step's periodic save may have run already)
+                    saved = self.save(together=stop)  # every rank here after an agreed stop; else this one alone
                 print(f"\ninterrupted: saved {saved}; continue with --resume", file=sys.stderr)
             raise
         bar.close()
-        if saved is None or saved.name != f"{CKPT_PREFIX}{self.step}":
+        if not self._is_saved(saved):
             saved = self.save()
         return TrainResult(output_dir=s.output_dir, steps=self.step, final_loss=last_loss,
                            checkpoint=saved / "model.safetensors", metrics_file=metrics_file,
                            tokens_per_s=round(tokens_per_s, 1))
+
+    def _is_saved(self, saved: Path | None) -> bool:
+        return saved is not None and saved.name == f"{CKPT_PREFIX}{self.step}"
 
     def _step(self, batches: Iterator[tuple[np.ndarray, np.ndarray]], stop: bool) -> tuple[dict, bool]:
         """One optimizer step over `grad_accum` micro-batches: its metrics row, and whether any rank asked to stop
@@ -319,9 +333,8 @@ class Trainer:
             losses.append(self.accumulate(T(ids), T(labels), scale))
             self.micro_position += 1
         loss = sum(float(x.asnumpy()) for x in losses) / len(losses)
-        if self.loss_reduce is not None:
-            loss, asked = (float(v) for v in self.loss_reduce(T(np.array([loss, stop], np.float32))).asnumpy())
-            stop = asked > 0
+        if self.sync is not None:
+            loss, stop = self.sync.mean(loss, stop)
         sq = float(self.stats().asnumpy())
         unscale = 1.0 / (self.scaler.scale * s.grad_accum)
         grad_norm = math.sqrt(sq) * unscale if math.isfinite(sq) else float("inf")
@@ -340,25 +353,6 @@ class Trainer:
         self.scaler.update(finite)
         self.step += 1
         return row, stop
-
-
-class _LossMean:
-    """Mean over data-parallel ranks (of the logged loss, and of the ranks' wish to stop)."""
-
-    def __init__(self, world: int) -> None:
-        from mindspore import ops
-
-        self.world = world
-        self.all_reduce = ops.AllReduce()
-
-    def __call__(self, x: object) -> object:
-        return self.all_reduce(x) / self.world
-
-    def barrier(self) -> None:
-        """Returns once every rank has called it (the same all-reduce, of nothing)."""
-        from mindspore import Tensor
-
-        self.all_reduce(Tensor(np.zeros(2, np.float32))).asnumpy()
 
 
 def _truncate_metrics(path: Path, step: int) -> dict:

@@ -4,7 +4,7 @@ so a load peaks at the weights, not twice them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -101,11 +101,13 @@ def param_tensor(param: Parameter) -> LazyTensor:
     return LazyTensor(tuple(param.shape), dtype, read)
 
 
-def save_params(params: Iterable[Parameter], path: Path) -> None:
+def save_params(params: Iterable[Parameter], path: Path, done: Callable[[int], None] = lambda nbytes: None,
+                sync_every: int | None = None) -> None:
     """MindSpore parameters to one safetensors file (`mindspore.load_checkpoint(path, format="safetensors")` reads
-    it too), a tensor at a time; the caller makes the write atomic."""
-    safetensors_files.write_file(path, [(p.name, param_tensor(p)) for p in params],
-                                 {"format": "ms"})
+    it too), a tensor at a time (`done` and `sync_every`: `safetensors_files.write_file`'s); the caller makes the
+    write atomic."""
+    safetensors_files.write_file(path, [(p.name, param_tensor(p)) for p in params], {"format": "ms"}, done,
+                                 sync_every)
 
 
 def load_params(params: Iterable[Parameter], path: Path) -> None:
