@@ -75,7 +75,10 @@ class AccumulateGrads(nn.Cell):
         loss = self.loss_net(input_ids, labels)
         grads = self.grad(self.loss_net, self.params)(input_ids, labels, scale)
         out = loss
-        for i in range(len(grads)):  # index loops: graph mode does not take zip(strict=...)
+        # last parameter first, the order the backward produces them in: each gradient then joins its accumulator
+        # (and is freed) as soon as it exists, instead of every one living until the first parameter's is done
+        # (−0.46 GiB of 4.47 at tiny_starcoder 1 × 128, the same numbers; RESULTS.md)
+        for i in range(len(grads) - 1, -1, -1):  # index loops: graph mode does not take zip(strict=...)
             out = ops.depend(out, self.update(self.accum[i], grads[i].astype(ms.float32)))
         return out
 
