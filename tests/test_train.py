@@ -3,6 +3,7 @@ uninterrupted, the reference's run YAML, data parallel over 2 msrun processes ==
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -478,8 +479,9 @@ def test_other_backwards_give_the_same_gradients(hf_tiny):
             assert type(cell.dense) is kinds[chosen["x".join(map(str, cell.weight.shape))]]
 
 
-def _ranks(output_dir: Path) -> dict[int, int]:
-    """{rank: pid} of the `zoo train` ranks writing into `output_dir` (msrun's workers: RANK_ID in their env)."""
+def _ranks(output_dir: Path, role: bytes = b"MS_WORKER") -> dict[int, int]:
+    """{rank: pid} of the `zoo train` ranks writing into `output_dir` (msrun's workers: RANK_ID in their env), or
+    with role MS_SCHED its scheduler process ({0: pid})."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
@@ -487,8 +489,8 @@ def _ranks(output_dir: Path) -> dict[int, int]:
             env = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
         except OSError:
             continue
-        if str(output_dir).encode() in cmd and b"RANK_ID" in env and env.get(b"MS_ROLE") == b"MS_WORKER":
-            found[int(env[b"RANK_ID"])] = int(proc.name)
+        if str(output_dir).encode() in cmd and env.get(b"MS_ROLE") == role:
+            found[int(env.get(b"RANK_ID", b"0"))] = int(proc.name)
     return found
 
 
@@ -549,9 +551,10 @@ if os.environ.get('RANK_ID') == '0' and os.environ.get('MS_ROLE') == 'MS_WORKER'
 """)
     slow = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
 
-    def launch(steps: int, name: str, slow_save: bool = False, save_steps: int = 100000) -> subprocess.Popen:
+    def launch(steps: int, name: str, slow_save: bool = False, save_steps: int = 100000,
+               port: int = 8233) -> subprocess.Popen:
         return subprocess.Popen(
-            [msrun, "--worker_num=2", "--local_worker_num=2", "--master_port=8233", "--join=True",
+            [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", "--join=True",
              f"--log_dir={tmp_path / name}", zoo_bin, "train", "wizardcoder-tiny", "--config",
              str(hf_tiny / "config.json"), "--weights", str(hf_tiny), "--data", str(data), "--output-dir", str(run),
              "--max-steps", str(steps), "--batch-size", "1", "--save-steps", str(save_steps), "--spec", str(spec),
@@ -584,16 +587,21 @@ if os.environ.get('RANK_ID') == '0' and os.environ.get('MS_ROLE') == 'MS_WORKER'
     assert [p.name for p in checkpoints(run)][-1] == f"checkpoint-{steps}", logs("a")
     assert "rank 0: another rank was interrupted: stopping after step" in logs("a")
 
-    proc = launch(10000, "b")
+    proc = launch(10000, "b", port=8234)
     wait_rows(steps + 3, proc)
-    ranks = _ranks(run)
+    ranks, scheduler = _ranks(run), _ranks(run, b"MS_SCHED")
     proc.kill()  # the launcher dies; its ranks, in sessions of their own, live on
     proc.wait()
-    assert ranks_gone(list(ranks.values())), logs("b")
+    try:
+        assert ranks_gone(list(ranks.values())), logs("b")
+    finally:  # its scheduler outlives the ranks for a while (until its heartbeats time out): not the test's to wait
+        for pid in scheduler.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     stopped = len(metrics.read_text().splitlines())
     assert [p.name for p in checkpoints(run)][-1] == f"checkpoint-{stopped}", logs("b")
     assert "the launcher exited: stopping after step" in logs("b")
 
-    proc = launch(stopped + 2, "c")
+    proc = launch(stopped + 2, "c", port=8235)
     assert proc.wait(300) == 0, logs("c")
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, stopped + 3))
