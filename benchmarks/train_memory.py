@@ -5,7 +5,9 @@ lengths of the tiny_starcoder shape; and, in one `zoo train` process at the firs
 construction, its first forward + backward and its first optimizer update each add to the resident set.
 Results are appended to RESULTS.md.
 
-    python benchmarks/train_memory.py [--cases 1x128,2x128,4x128,8x128,4x64,2x256]
+    python benchmarks/train_memory.py [--cases 1x128,2x128,4x128,8x128,4x64,2x256] [--recompute]
+
+`--recompute` also runs each case with activation checkpointing per block (`{"parallel": {"recompute": true}}`).
 """
 
 from __future__ import annotations
@@ -90,13 +92,16 @@ def phases(args: list[str]) -> list[tuple[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="1x128,2x128,4x128,8x128,4x64,2x256", help="BATCHxLENGTH, comma-separated")
+    ap.add_argument("--recompute", action="store_true", help="also run each case with recompute per block")
     args = ap.parse_args()
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
     config = load_config(CONFIG)
-    lines = ["| batch × length | plan | zoo train peak RSS | plan / zoo | HF + torch AdamW peak RSS | zoo / HF |",
-             "|---|---|---|---|---|---|"]
+    head = "| batch × length | plan | zoo train peak RSS | plan / zoo | HF + torch AdamW peak RSS | zoo / HF |"
+    lines = [head + (" zoo train, recompute |" if args.recompute else ""),
+             "|---|---|---|---|---|---|" + ("---|" if args.recompute else "")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        (work / "recompute.json").write_text(json.dumps({"parallel": {"recompute": True}}))
         for length in sorted({length for _, length in cases}):
             subprocess.run(zoo("preprocess", "wizardcoder-tiny", "--input", str(SAMPLES), "--output",
                                str(work / f"d{length}.mindrecord"), "--seq-length", str(length)),
@@ -112,6 +117,10 @@ def main() -> None:
             plan = training_plan(config, "fp32", batch, length).total / GIB
             lines.append(f"| {batch} × {length} | {plan:.2f} GiB | {ours:.2f} GiB | {plan / ours:.2f}× | "
                          f"{hf:.2f} GiB | {ours / hf:.2f}× |")
+            if args.recompute:
+                _, rc, _ = timed(zoo("train", *train_args(batch, length, f"rc-{batch}x{length}"), "--spec",
+                                     str(work / "recompute.json")))
+                lines[-1] += f" {rc:.2f} GiB |"
             print(json.dumps({"batch": batch, "length": length, "plan_gib": plan, "zoo_gib": ours, "hf_gib": hf}),
                   file=sys.stderr, flush=True)
         batch, length = cases[0]

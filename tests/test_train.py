@@ -242,17 +242,20 @@ def test_resumed_pretraining_starts_from_its_checkpoint_not_a_random_init(tmp_pa
     assert a.keys() == b.keys() and all(np.abs(a[k] - b[k]).max() < 1e-6 for k in a)
 
 
-def test_recompute_gives_the_same_steps(tmp_path, hf_tiny):
+def test_recompute_gives_the_same_steps(tmp_path, hf_tiny, capsys):
+    """...and, on the CPU, a note that it costs memory there instead of saving it."""
     from registry_spec.specs import ParallelSpec
 
     data = mindrecord(tmp_path / "d.mindrecord", make_rows(4, 17, seed=6))
-    losses = []
+    losses, notes = [], []
     for recompute in (False, True):
         s = TrainSettings(data=data, mode="finetune", output_dir=tmp_path / f"r{recompute}", weights=hf_tiny,
                           max_steps=2, batch_size=2, learning_rate=1e-3, parallel=ParallelSpec(recompute=recompute))
         train(s, hf_tiny)
         losses.append([json.loads(x)["loss"] for x in (s.output_dir / "metrics.jsonl").read_text().splitlines()])
+        notes.append("recompute raises zoo train's peak memory" in capsys.readouterr().err)
     np.testing.assert_allclose(losses[0], losses[1], atol=1e-6)
+    assert notes == [False, True]
 
 
 def test_sigkill_during_training_leaves_a_resumable_checkpoint(tmp_path, hf_tiny):

@@ -139,7 +139,7 @@ class Trainer:
             raise InputError(f"{settings.output_dir} holds checkpoints of an earlier run "
                              f"({', '.join(p.name for p in earlier[-3:])})",
                              "continue that run with --resume, or train into a new --output-dir")
-        init_mindspore()
+        ms = init_mindspore()
         self.s, self.config, self.progress = settings, config, progress
         self.rank, self.world = init_parallel(settings)
         self.launcher = os.getppid()  # msrun, under data parallel: its exit stops the ranks
@@ -173,6 +173,10 @@ class Trainer:
                 print(f"note: resuming in {settings.output_dir}: {change}; the run goes on, but no longer "
                       "bit-exact with an uninterrupted one", file=sys.stderr)
         if settings.parallel.recompute:  # activation checkpointing per block: memory for compute, same numbers
+            if ms.get_context("device_target") == "CPU" and self.rank == 0:
+                print("note: recompute raises zoo train's peak memory on MindSpore's CPU backend instead of "
+                      "lowering it (+0.4 to +1.1 GiB at tiny_starcoder, benchmarks/RESULTS.md); it is meant for "
+                      "Ascend", file=sys.stderr)
             for block in self.model.transformer.h:
                 block.recompute()
         self.params = ParameterTuple(self.model.trainable_params())
@@ -270,15 +274,15 @@ class Trainer:
         step_tokens = self.reader.global_batch * (self.reader.width - 1) * s.grad_accum
         first, stop = self.step, False
         # data parallel: an interrupt, or the launcher's exit, stops every rank after the same step (a rank leaving
-        # alone would block the others in their next all-reduce); one process stops at once, the first step aside
+        # alone would block the others in their next all-reduce); one process stops after the step it is in, so the
+        # checkpoint never holds a half-counted step (weights updated, step or metrics row not yet)
         agreed = self.world > 1
         try:
             with (interrupts_deferred("this step (every rank stops after the same one)") if agreed
                   else nullcontext([])) as pending:
                 while self.step < self.total_steps and not stop:
-                    # the first step compiles its graphs: an interrupt waits for the step (which is then saved)
-                    with (interrupts_deferred("the first step compiles") if self.step == first and not agreed
-                          else nullcontext()):
+                    with (nullcontext() if agreed else
+                          interrupts_deferred("the first step compiles" if self.step == first else "this step")):
                         t0 = time.perf_counter()
                         row, stop = self._step(batches, agreed and (bool(pending) or os.getppid() != self.launcher))
                         dt = time.perf_counter() - t0
