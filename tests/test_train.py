@@ -220,6 +220,34 @@ def test_an_interrupt_while_the_first_step_compiles_waits_for_the_step_and_saves
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_an_interrupt_during_the_final_save_waits_for_the_checkpoint(tmp_path, hf_tiny, capsys, monkeypatch):
+    """The run's last checkpoint is written whole, then the interrupt takes effect (SIGINT from inside the write)."""
+    import os
+    import signal
+
+    from wizardcoder_plugin.training import trainer as trainer_module
+
+    s = TrainSettings(data=mindrecord(tmp_path / "d.mindrecord", make_rows(4, 17, seed=3)), mode="finetune",
+                      weights=hf_tiny, max_steps=2, batch_size=2, output_dir=tmp_path / "run")
+    config = load_config(hf_tiny / "config.json").model_copy(update=NO_DROPOUT)
+    trainer = Trainer(s, config, "custom", PAD, progress=False)
+    save_params, writes = trainer_module.save_params, []
+
+    def interrupted_inside(params, path, **kw):
+        if not writes:
+            os.kill(os.getpid(), signal.SIGINT)
+        writes.append(path.name)
+        return save_params(params, path, **kw)
+
+    monkeypatch.setattr(trainer_module, "save_params", interrupted_inside)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert writes == ["model.safetensors", "optimizer.safetensors"]
+    assert "SIGINT: stopping after the final checkpoint is written" in capsys.readouterr().err
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    assert ms_weights(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+
+
 def test_resumed_pretraining_starts_from_its_checkpoint_not_a_random_init(tmp_path, hf_tiny, capsys):
     """A from-scratch run resumed: the model is built from the checkpoint (no random init only to be overwritten,
     30 s at 1B) and the run ends where an uninterrupted one does."""

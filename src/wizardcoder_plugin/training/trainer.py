@@ -314,7 +314,10 @@ class Trainer:
             raise
         bar.close()
         if not self._is_saved(saved):
-            saved = self.save()
+            # an interrupt here would lose the finished run's checkpoint (and under data parallel, a waiting rank
+            # leaving makes msrun kill rank 0's write)
+            with interrupts_deferred("the final checkpoint is written"):
+                saved = self.save()
         return TrainResult(output_dir=s.output_dir, steps=self.step, final_loss=last_loss,
                            checkpoint=saved / "model.safetensors", metrics_file=metrics_file,
                            tokens_per_s=round(tokens_per_s, 1))
