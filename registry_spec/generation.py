@@ -166,9 +166,11 @@ def _log_softmax_at(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
 
 class Batch:
     """Rows in the slots of one engine cache of `size` rows and `max_len` tokens a row. `admit` prefills rows:
-    into an empty batch all at once (`prefill`), into a running one through the engine's `join` (one row a call,
-    so a row's prefill never depends on the others). `step` selects every row's next token, finishes rows, and
-    writes the remaining rows' tokens in one engine step. Only one thread may call these."""
+    into an empty batch all at once (`prefill`), into a running one through the engine's `join`: one row a call,
+    so that a row's prefill never depends on the others (a graph of k rows may run other kernels than one of one
+    row), except on a fixed-batch engine, whose every join runs its one full-batch graph anyway: there the rows
+    admitted together join in one call. `step` selects every row's next token, finishes rows, and writes the
+    remaining rows' tokens in one engine step. Only one thread may call these."""
 
     def __init__(self, engine: Engine, eos: int, pad: int, size: int, max_len: int) -> None:
         self.engine, self.eos, self.pad = engine, eos, pad
@@ -195,8 +197,8 @@ class Batch:
         if len(rows) > self.free():
             raise ValueError(f"{len(rows)} rows, {self.free()} free slots")
         if self.rows or (self.cache is not None and self.can_join):
-            for row in rows:
-                self._join(row)
+            for group in ([list(rows)] if self.engine.fixed_batch and rows else [[r] for r in rows]):
+                self._join(group)
             return
         self._prefill(list(rows), greedy=not any(r.needs_logits() for r in rows) if greedy is None else greedy,
                       use_cache=use_cache)
@@ -217,13 +219,16 @@ class Batch:
         for slot, row in enumerate(rows):
             self._place(slot, row, out[slot], ms)
 
-    def _join(self, row: Row) -> None:
-        slot = self.slots.index(None)
-        ids = np.full((1, self.prompt_width([row])), self.pad, dtype=np.int32)
-        ids[0, : len(row.prompt)] = row.prompt
-        ms, out = self._timed(self.engine.join, self.cache, np.array([slot], dtype=np.int32),  # type: ignore
-                              ids, np.array([len(row.prompt)], dtype=np.int32), not row.needs_logits())
-        self._place(slot, row, out[0], ms)
+    def _join(self, rows: list[Row]) -> None:
+        slots = [s for s, r in enumerate(self.slots) if r is None][: len(rows)]
+        ids = np.full((len(rows), self.prompt_width(rows)), self.pad, dtype=np.int32)
+        for i, row in enumerate(rows):
+            ids[i, : len(row.prompt)] = row.prompt
+        ms, out = self._timed(self.engine.join, self.cache, np.array(slots, dtype=np.int32),  # type: ignore
+                              ids, np.array([len(r.prompt) for r in rows], dtype=np.int32),
+                              not any(r.needs_logits() for r in rows))
+        for i, (slot, row) in enumerate(zip(slots, rows, strict=True)):
+            self._place(slot, row, out[i], ms)
 
     def _timed(self, call: Callable[..., Any], *args: Any) -> tuple[float, Any]:
         """(milliseconds, result) of `call`, without the graph compiling or loading the engine says it did."""

@@ -83,6 +83,18 @@ def test_backend_tokens_equal_online(tmp_path, tiny, hf_tiny, backend):
     while batch.rows:
         batch.step()
     assert [r.generated for r in rows] == want[:2]
+    # rows arriving together join in one call of the full-batch graph (each join runs all of it), same tokens
+    prefills, prefill = [], gen.prefill
+    gen.prefill = lambda *args: prefills.append(len(args[0])) or prefill(*args)
+    together = [Row(p, GenerationConfig(max_new_tokens=12), np.random.default_rng(0)) for p in PROMPTS[:2]]
+    batch = Batch(gen, 10**6, PAD, 2, 64)
+    batch.open()
+    prefills.clear()
+    batch.admit(together)
+    assert prefills == [2]
+    while batch.rows:
+        batch.step()
+    assert [r.generated for r in together] == want[:2]
     single = export(tmp_path, tiny, hf_tiny, backend, batch=1)
     gen1 = ExportedEngine(single, backend)
     assert greedy(gen1, PROMPTS[:1]) == want[:1]

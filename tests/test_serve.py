@@ -283,6 +283,40 @@ def test_sixteen_concurrent_streams_each_equal_their_sequential_result(server):
     assert results == sequential
 
 
+def test_an_exported_backend_serves_concurrent_streams_as_the_online_engine(server, hf_dir, tmp_path):
+    """`--backend onnx --artifacts D` (a fixed batch of 4: rows arriving together join in one call of its prefill
+    graph): 8 concurrent streams on 4 slots, each client's greedy text the online server's."""
+    out = tmp_path / "onnx"
+    r = zoo("export", "wizardcoder-tiny", "--weights", str(hf_dir), "--config", str(hf_dir / "config.json"),
+            "--tokenizer", str(hf_dir), "--backend", "onnx", "--output-dir", str(out), "--batch-size", "4",
+            "--seq-length", "64")
+    assert r.returncode == 0, r.stderr
+    jobs = [(PROMPTS[i], 4 + 3 * (i % 3)) for i in range(8)]
+    want = [server.client().completions.create(model="wizardcoder-tiny", prompt=p, max_tokens=n,
+                                               temperature=0).choices[0].text for p, n in jobs]
+    exported = Server(hf_dir, tmp_path, "--backend", "onnx", "--artifacts", str(out), "--max-batch-size", "4")
+    try:
+        client, results = exported.client(), [None] * len(jobs)
+        start = threading.Barrier(len(jobs))
+
+        def run(i: int) -> None:
+            p, n = jobs[i]
+            start.wait()
+            stream = client.completions.create(model="wizardcoder-tiny", prompt=p, max_tokens=n, temperature=0,
+                                               stream=True)
+            results[i] = "".join(c.choices[0].text for c in stream if c.choices)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert results == want
+        assert httpx.get(exported.url + "/health", timeout=10).json()["completed"] == len(jobs)
+    finally:
+        exported.stop()
+
+
 def test_a_disconnected_stream_frees_its_row(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": "wizardcoder-tiny", "prompt": "def", "max_tokens": 250, "temperature": 0, "stream": True}
