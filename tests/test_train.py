@@ -528,7 +528,7 @@ def _ranks(output_dir: Path, role: bytes = b"MS_WORKER") -> dict[int, int]:
 def test_data_parallel_ranks_stop_after_the_same_step_on_one_ranks_signal_or_the_launchers_death(tmp_path, hf_tiny):
     """msrun does not pass SIGTERM on, and dies without stopping its ranks; a signal to one rank, or msrun's death,
     stops every rank after the same step (agreed in the loss's all-reduce), rank 0 saves it (a slow save too: no
-    rank exits before it is written), and --resume under msrun finishes."""
+    rank exits before it is written), and --resume under msrun finishes (through a 35-second stall of rank 0)."""
     import signal
     import time
 
@@ -543,12 +543,26 @@ def test_data_parallel_ranks_stop_after_the_same_step_on_one_ranks_signal_or_the
     # with slow_save, rank 0 writes checkpoints as slowly as a real model's: the first one for over 30 s (a collective
     # on MindSpore's CPU backend gives up after ≈30 s of waiting: the other ranks must keep in touch while they
     # wait), the next ones with a 6-second pause before the rename (msrun kills every rank once one exits non-zero,
-    # so none may leave before the checkpoint is in place)
+    # so none may leave before the checkpoint is in place); with pause, rank 0 stalls for 35 s before its second
+    # step's all-reduce (as a rank compiling while the other loads its graphs from the compile cache), which the
+    # other rank's wait outlasts only by the plugin's longer MS_NODE_TIMEOUT
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(f"""
 import builtins, os, time
-if os.environ.get('RANK_ID') == '0' and os.environ.get('MS_ROLE') == 'MS_WORKER':
+rank0 = os.environ.get('RANK_ID') == '0' and os.environ.get('MS_ROLE') == 'MS_WORKER'
+if rank0 and os.environ.get('ZOO_TEST_PAUSE'):
+    real_getppid, calls = os.getppid, []
+
+    def paused_getppid():  # the trainer asks once at start, then once a step
+        calls.append(1)
+        if len(calls) == 3:
+            time.sleep(35)
+            open({str(inject / "paused")!r}, 'w').close()
+        return real_getppid()
+
+    os.getppid = paused_getppid
+if rank0 and os.environ.get('ZOO_TEST_SLOW_SAVE'):
     real_open, real_rename, first = builtins.open, os.rename, [time.monotonic(), None]
 
     class Slow:
@@ -580,16 +594,18 @@ if os.environ.get('RANK_ID') == '0' and os.environ.get('MS_ROLE') == 'MS_WORKER'
 
     builtins.open, os.rename = slow_open, slow_rename
 """)
-    slow = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
+    injected = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))}
 
     def launch(steps: int, name: str, slow_save: bool = False, save_steps: int = 100000,
-               port: int = 8233) -> subprocess.Popen:
+               port: int = 8233, pause: bool = False) -> subprocess.Popen:
+        run_env = env | (injected if slow_save or pause else {}) | \
+            ({"ZOO_TEST_SLOW_SAVE": "1"} if slow_save else {}) | ({"ZOO_TEST_PAUSE": "1"} if pause else {})
         return subprocess.Popen(
             [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", "--join=True",
              f"--log_dir={tmp_path / name}", zoo_bin, "train", "wizardcoder-tiny", "--config",
              str(hf_tiny / "config.json"), "--weights", str(hf_tiny), "--data", str(data), "--output-dir", str(run),
              "--max-steps", str(steps), "--batch-size", "1", "--save-steps", str(save_steps), "--spec", str(spec),
-             "--resume"], env=slow if slow_save else env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+             "--resume"], env=run_env, cwd=tmp_path, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
 
     def wait_rows(n: int, proc: subprocess.Popen) -> None:
@@ -633,6 +649,7 @@ if os.environ.get('RANK_ID') == '0' and os.environ.get('MS_ROLE') == 'MS_WORKER'
     assert [p.name for p in checkpoints(run)][-1] == f"checkpoint-{stopped}", logs("b")
     assert "the launcher exited: stopping after step" in logs("b")
 
-    proc = launch(stopped + 2, "c", port=8235)
+    proc = launch(stopped + 2, "c", port=8235, pause=True)
     assert proc.wait(300) == 0, logs("c")
+    assert (inject / "paused").is_file()
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, stopped + 3))
