@@ -62,8 +62,9 @@ def init_parallel(settings: TrainSettings) -> tuple[int, int]:
     if os.environ.get("MS_ROLE") == "MS_WORKER":
         # a collective on MindSpore's CPU backend gives up after MS_NODE_TIMEOUT s (default 30) of waiting for a
         # peer; a rank compiling while another loads its graphs from the compile cache, or a slow resume read, takes
-        # longer. torch.distributed waits 10 minutes too; a rank that dies still ends the run at once (msrun kills
-        # the others). Not the scheduler's: it would linger that long after a killed msrun.
+        # longer. 10 minutes, as torch.distributed's NCCL default; a rank that dies still ends the run at once (msrun
+        # kills the others). The workers' setting is the one the collectives read (measured); the scheduler keeps
+        # MindSpore's own.
         os.environ.setdefault("MS_NODE_TIMEOUT", "600")
     init()
     rank, size = get_rank(), get_group_size()
