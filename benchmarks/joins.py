@@ -18,17 +18,17 @@ import time
 from pathlib import Path
 
 from common import append_results, machine
+from serve import SEQ_LENGTH, SHAPES  # the served shapes, and the server's rows
+from startup import zoo
 
-HERE = Path(__file__).parent
-SHAPES = {"tiny": [], "tiny_starcoder": ["--config", str(HERE / "tiny_starcoder.json")]}
-SLOTS, SEQ_LENGTH = 8, 512  # benchmarks/serve.py's server
+SLOTS = 8  # benchmarks/serve.py's default --slots
 PROMPT_LEN = 40
 
 
 def export(shape: str, backend: str, out: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "registry_spec.cli", "export", "wizardcoder-tiny", *SHAPES[shape],
-                    "--backend", backend, "--output-dir", str(out), "--batch-size", str(SLOTS),
-                    "--seq-length", str(SEQ_LENGTH)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(zoo("export", "wizardcoder-tiny", *SHAPES[shape], "--backend", backend, "--output-dir", str(out),
+                       "--batch-size", str(SLOTS), "--seq-length", str(SEQ_LENGTH)),
+                   check=True, stdout=subprocess.DEVNULL)
     return out
 
 
